@@ -1,0 +1,110 @@
+"""What one `SubspaceTracker` update costs, next to an exact SVD and the linear op's matmul.
+
+For each width, N tokens of activations with a decaying spectrum (plus a little noise) are
+compressed once to fit a basis; then the script times, median of ``--reps`` runs:
+
+- projection: a `compress` call whose basis already fits (the common case: ``C = X Q``,
+  fidelity, rank check);
+- +1 power iter: the warm-started block subspace iteration a drifting basis costs;
+- reset: rebuilding the basis at ``--energy`` (exact SVD below width 256, randomized above);
+- exact SVD: ``torch.linalg.svd(X)``, what a tracker without warm starts would pay each call;
+- F.linear: the forward matmul of a square linear layer on the same X.
+
+Takes 1-5 minutes on 2 CPU cores (the exact SVDs dominate). Prints a Markdown table.
+
+Example::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/tracker_cost.py --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from laser_fx.config import LaserConfig
+from laser_fx.tracker import SubspaceTracker
+
+
+def _median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up: first calls pay for lazy library initialisation
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _activations(n: int, width: int, decay: float, gen: torch.Generator) -> torch.Tensor:
+    """``n x width`` data whose i-th singular value is ``exp(-i / decay)``, plus 0.1% noise."""
+    r = min(width, 8 * int(decay) + 8)
+    spectrum = torch.exp(-torch.arange(r, dtype=torch.float32) / decay)
+    x = (torch.randn(n, r, generator=gen) * spectrum) @ torch.randn(r, width, generator=gen)
+    return x / width**0.5 + 1e-3 * torch.randn(n, width, generator=gen) / width**0.5
+
+
+def _row(width: int, args: argparse.Namespace) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(width)
+    x = _activations(args.tokens, width, args.decay, gen)
+    weight = torch.randn(width, width, generator=gen) / width**0.5
+    tracker = SubspaceTracker(width, LaserConfig(energy=args.energy, fidelity=args.fidelity))
+    tracker.compress(x)  # fit the basis
+    xm = x.reshape(-1, width)
+    total = float(xm.square().sum())
+    return {
+        "k": float(tracker.basis.shape[1]),
+        "projection": _median_ms(lambda: tracker.compress(x), args.reps),
+        # the update paths are timed directly: forcing them through `compress` would need
+        # data that drifts by just the right amount
+        "power": _median_ms(lambda: tracker._power_update(xm, total), args.reps),
+        "reset": _median_ms(lambda: tracker._reset(xm, total), args.reps),
+        "svd": _median_ms(lambda: torch.linalg.svd(xm, full_matrices=False), args.reps),
+        "matmul": _median_ms(lambda: F.linear(x, weight), args.reps),
+    }
+
+
+def main() -> None:
+    """Parse arguments, time every width, print the Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024, 1536])
+    parser.add_argument("--tokens", type=int, default=2048, help="rows N of the activation")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions; the median is shown")
+    parser.add_argument("--energy", type=float, default=0.99)
+    parser.add_argument("--fidelity", type=float, default=0.95)
+    parser.add_argument("--decay", type=float, default=8.0, help="spectrum decay length")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy CPU)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, N={args.tokens}, energy={args.energy}, "
+        f"median of {args.reps} (ms)\n"
+    )
+    print(
+        "| width | k | projection | +1 power iter | reset | exact SVD | F.linear | proj / matmul |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for width in args.widths:
+        r = _row(width, args)
+        print(
+            f"| {width} | {int(r['k'])} | {r['projection']:.2f} | {r['power']:.2f} | "
+            f"{r['reset']:.1f} | {r['svd']:.1f} | {r['matmul']:.2f} | "
+            f"{r['projection'] / r['matmul']:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""`measure_activation_memory`: bytes kept alive for backward, tracked by allocation.
+
+A `TorchDispatchMode` sees every op's outputs; each storage an op creates is recorded with its
+size and dropped from the live total when it is freed (`weakref.finalize` on the untyped storage,
+which PyTorch keeps as one Python object for as long as the storage lives). What is still alive
+right after the forward, with only the loss held, is what autograd (or a compression mechanism)
+keeps for backward; the maximum of the live total over forward and backward is the peak.
+
+Pack hooks are not used for this on purpose: hooks stack and only the innermost sees a tensor,
+so they would miss what a compression mechanism stores.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .errors import ConfigError
+
+__all__ = ["ActivationMemory", "measure_activation_memory"]
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Bytes measured by `measure_activation_memory`.
+
+    Attributes:
+        after_forward: bytes created during the forward (and loss) still alive after it, with
+            only the loss held: the activation memory kept for backward.
+        peak: the maximum of bytes alive (created since the forward began) over forward and
+            backward, parameter gradients included.
+        loss: the loss value of the measured step.
+    """
+
+    after_forward: int
+    peak: int
+    loss: float
+
+    def ratio_to(self, other: ActivationMemory) -> float:
+        """``self.after_forward / other.after_forward``."""
+        return self.after_forward / max(other.after_forward, 1)
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Records each storage an op creates; keeps a live total and its maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _drop(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views (of parameters, inputs, ...) share their base's storage: not a new allocation.
+        inputs = {
+            id(t.untyped_storage())
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in self._seen or key in inputs:
+                continue
+            nbytes = storage.nbytes()
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._drop, key, nbytes)
+        return out
+
+
+def _default_loss(out: Any) -> torch.Tensor:
+    floats = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        raise ConfigError(
+            "The model returned no floating-point tensor to build a loss from; pass "
+            "`loss_fn=lambda output: ...` returning a scalar."
+        )
+    return sum(t.float().sum() for t in floats if t.requires_grad or t.grad_fn is not None)
+
+
+def measure_activation_memory(
+    model: nn.Module | Callable[..., Any],
+    inputs: Sequence[Any] | torch.Tensor,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    *,
+    backward: bool = True,
+) -> ActivationMemory:
+    """Measure the bytes a training step keeps alive for backward, and its peak.
+
+    Args:
+        model: any callable module (compressed or not).
+        inputs: positional inputs (a tensor or a tuple of them).
+        loss_fn: maps the model's output to a scalar loss (default: sum of float outputs).
+        backward: also run backward (needed for the peak; parameter ``.grad`` is written).
+
+    Returns:
+        `ActivationMemory` with ``after_forward`` (activation bytes) and ``peak``.
+
+    Example::
+
+        base = measure_activation_memory(model, (x,))
+        comp = measure_activation_memory(laser_fx.compress(model, example_inputs=(x,)), (x,))
+        print(comp.ratio_to(base))
+    """
+    if not callable(model):
+        raise ConfigError(f"`model` must be callable, got {type(model).__name__}.")
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    loss_fn = loss_fn or _default_loss
+    tracker = _StorageTracker()
+    with tracker:
+        loss = loss_fn(model(*args))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError("`loss_fn` must return a scalar tensor.")
+        after_forward = tracker.live
+        if backward:
+            if loss.requires_grad:
+                loss.backward()
+    value = float(loss.detach())
+    return ActivationMemory(after_forward=after_forward, peak=tracker.peak, loss=value)

@@ -1,0 +1,325 @@
+"""`SubspaceTracker`: orthonormal bases, reset rule, energy guarantee, state handling."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import weakref
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from laser_fx.config import LaserConfig
+from laser_fx.errors import ConfigError
+from laser_fx.tracker import Packed, SubspaceTracker
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny factorizations on a shared, oversubscribed 2-core CPU stall on thread barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- strategies (one place)
+WIDTH = st.integers(2, 48)
+ROWS = st.integers(1, 96)
+SEED = st.integers(0, 2**31 - 1)
+ENERGY = st.sampled_from([0.5, 0.9, 0.99, 1.0])
+STEP = st.tuples(st.integers(1, 12), st.floats(1e-3, 1e3), st.integers(0, 3))  # rank, scale, basis
+STEPS = st.lists(STEP, min_size=1, max_size=6)
+
+
+def cfg(**kw) -> LaserConfig:
+    """Test config: compress even the tiny tensors that Hypothesis draws."""
+    return LaserConfig(min_numel=0, **kw)
+
+
+@st.composite
+def configs(draw) -> LaserConfig:
+    energy = draw(ENERGY)
+    fixed = draw(st.one_of(st.none(), st.integers(1, 12)))
+    return cfg(
+        energy=energy,
+        rank=fixed,
+        fidelity=draw(st.floats(0.0, energy)),
+        power_iters=draw(st.integers(0, 2)),
+        oversample=draw(st.integers(0, 4)),
+    )
+
+
+def activation(n: int, width: int, rank: int, scale: float, subspace: int, seed: int):
+    """``n x width`` data of rank <= ``rank`` in one of a few fixed subspaces, plus 1% noise."""
+    g = torch.Generator().manual_seed(1000 * subspace + width)
+    v = torch.linalg.qr(torch.randn(width, width, generator=g)).Q[:, : min(rank, width)]
+    g.manual_seed(seed)
+    spectrum = torch.logspace(0, -1, v.shape[1])
+    x = (torch.randn(n, v.shape[1], generator=g) * spectrum) @ v.T
+    return scale * (x + 0.01 * torch.randn(n, width, generator=g) / math.sqrt(width))
+
+
+def fidelity_of(x: torch.Tensor, basis: torch.Tensor) -> float:
+    """Captured energy, computed with the tracker's own operations."""
+    x = x.reshape(-1, basis.shape[0]).float()
+    total = float(torch.linalg.vector_norm(x).square())
+    return min(1.0, float((x @ basis).square().sum()) / total) if total else 1.0
+
+
+def assert_orthonormal(q: torch.Tensor) -> None:
+    eye = torch.eye(q.shape[1])
+    err = (q.T @ q - eye).abs().max().item() if q.shape[1] else 0.0
+    assert err < 1e-5, f"QᵀQ - I = {err:.2e}"
+
+
+def state_is_finite(t: SubspaceTracker) -> bool:
+    return all(bool(torch.isfinite(b.float()).all()) for b in t.buffers())
+
+
+# ---------------------------------------------------------------- properties
+@given(WIDTH, ROWS, configs(), STEPS, SEED)
+def test_basis_stays_orthonormal_and_fidelity_in_unit_interval(width, n, config, steps, seed):
+    tracker = SubspaceTracker(width, config)
+    for i, (rank, scale, sub) in enumerate(steps):
+        x = activation(n, width, rank, scale, sub, seed + i)
+        before = tracker.basis
+        packed = tracker.compress(x)
+        assert_orthonormal(tracker.basis)
+        assert tracker.basis.dtype == torch.float32 and int(tracker.rank) == tracker.basis.shape[1]
+        assert 0.0 <= float(tracker.last_fidelity) <= 1.0
+        assert 0.0 <= float(tracker.min_fidelity) <= float(tracker.last_fidelity)
+        if not packed.is_dense:
+            assert packed.basis is tracker.basis  # projected with the newest version
+            if before.shape[1] and tracker.basis is not before:
+                assert before.data_ptr() != tracker.basis.data_ptr()  # a new tensor, not in place
+    assert int(tracker.calls) == len(steps)
+
+
+@given(WIDTH, ROWS, STEPS, SEED, st.floats(0.05, 0.99))
+def test_reset_happens_exactly_when_fidelity_falls_below_threshold(width, n, steps, seed, fid):
+    tracker = SubspaceTracker(width, cfg(energy=1.0, fidelity=fid, power_iters=0))
+    for i, (rank, scale, sub) in enumerate(steps):
+        x = activation(n, width, rank, scale, sub, seed + i)
+        first = tracker.basis.shape[1] == 0
+        f = 0.0 if first else fidelity_of(x, tracker.basis)
+        assume(abs(f - fid) > 1e-4)  # not a rounding coin flip at the threshold
+        resets = int(tracker.resets)
+        tracker.compress(x)
+        assert int(tracker.resets) - resets == int(first or f < fid), f"{f=} {fid=}"
+        assert int(tracker.power_updates) == 0
+
+
+@given(WIDTH, ROWS, ENERGY, STEPS, SEED)
+def test_after_a_reset_the_basis_keeps_the_requested_energy(width, n, energy, steps, seed):
+    tracker = SubspaceTracker(width, cfg(energy=energy, fidelity=energy))
+    for i, (rank, scale, sub) in enumerate(steps):
+        x = activation(n, width, rank, scale, sub, seed + i)
+        resets = int(tracker.resets)
+        tracker.compress(x)
+        if int(tracker.resets) > resets:
+            got = fidelity_of(x, tracker.basis)
+            assert got >= energy - 1e-5, f"kept {got:.6f} < energy {energy}"
+
+
+def test_randomized_reset_keeps_energy_and_picks_the_data_rank():
+    # min(rows, width) > 256 takes the randomized path, not the exact SVD
+    torch.manual_seed(0)
+    x = activation(320, 300, 12, 1.0, 0, seed=1)
+    tracker = SubspaceTracker(300, cfg(energy=0.99))
+    tracker.compress(x)
+    assert fidelity_of(x, tracker.basis) >= 0.99 - 1e-5
+    assert 1 <= int(tracker.rank) <= 12
+    assert_orthonormal(tracker.basis)
+
+
+@pytest.mark.parametrize(
+    "config, expect_rank",
+    [
+        pytest.param(cfg(rank=3), 3, id="fixed-rank"),
+        pytest.param(cfg(energy=1.0, max_rank=5), 5, id="max-rank-caps-energy"),
+        pytest.param(cfg(energy=1.0), 8, id="energy-1-finds-exact-rank"),
+    ],
+)
+def test_rank_rules(config, expect_rank):
+    tracker = SubspaceTracker(32, config)
+    x = torch.randn(64, 8) @ torch.randn(8, 32)
+    tracker.compress(x)
+    assert int(tracker.rank) == expect_rank
+
+
+def test_drifting_subspace_is_tracked_by_power_iterations():
+    # Like recursion steps: the same low-rank structure, rotating a little at every call.
+    torch.manual_seed(0)
+    n, d, r, steps = 128, 48, 4, 24
+    skew = torch.randn(d, d)
+    skew = 0.02 * (skew - skew.T)
+    v0 = torch.linalg.qr(torch.randn(d, r)).Q
+    tracker = SubspaceTracker(d, cfg(energy=0.99, fidelity=0.95, power_iters=1))
+    for i in range(steps):
+        v = torch.linalg.matrix_exp(skew * i) @ v0
+        x = (torch.randn(n, r) * torch.tensor([4.0, 3.0, 2.0, 1.0])) @ v.T
+        tracker.compress(x + 0.01 * torch.randn(n, d))
+    s = tracker.stats()
+    assert s["resets"] <= 2, s
+    assert s["power_updates"] >= 3, s  # the drift was real and was followed, not reset
+    assert s["min_fidelity"] >= 0.95, s
+
+
+def test_rank_shrinks_when_the_data_concentrates():
+    torch.manual_seed(0)
+    tracker = SubspaceTracker(32, cfg(energy=0.99, fidelity=0.9))
+    tracker.compress(activation(128, 32, 10, 1.0, 0, seed=0))
+    wide = int(tracker.rank)
+    x = activation(128, 32, 10, 1.0, 0, seed=1)
+    x = x @ tracker.basis[:, :2] @ tracker.basis[:, :2].T  # same subspace, only 2 directions
+    tracker.compress(x)
+    assert int(tracker.rank) == 2 < wide
+    assert int(tracker.shrinks) == 1 and int(tracker.resets) == 1
+
+
+# ---------------------------------------------------------------- storage
+@pytest.mark.parametrize(
+    "dtype, store, expect",
+    [
+        pytest.param(torch.float32, None, torch.float32, id="fp32"),
+        pytest.param(torch.bfloat16, None, torch.bfloat16, id="bf16-keeps-dtype"),
+        pytest.param(torch.float16, None, torch.float16, id="fp16-keeps-dtype"),
+        pytest.param(torch.float32, torch.bfloat16, torch.bfloat16, id="store-dtype-wins"),
+    ],
+)
+def test_coefficient_dtype_and_round_trip(dtype, store, expect):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 16, 3) @ torch.randn(3, 40)).to(dtype)
+    tracker = SubspaceTracker(40, cfg(rank=3, store_dtype=store))
+    packed = tracker.compress(x)
+    assert packed.coeffs.dtype == expect and packed.coeffs.shape == (64, 3)
+    assert tracker.basis.dtype == torch.float32
+    x_hat = tracker.decompress(packed)
+    assert x_hat.shape == x.shape and x_hat.dtype == dtype
+    torch.testing.assert_close(
+        x_hat.float(), x.float(), rtol=3e-2, atol=3e-2 * x.abs().max().item()
+    )
+    assert int(tracker.stored_bytes) == packed.nbytes == 64 * 3 * packed.coeffs.element_size()
+    assert int(tracker.dense_bytes) == x.numel() * x.element_size()
+    tracker.begin_step()
+    assert int(tracker.stored_bytes) == int(tracker.dense_bytes) == 0
+
+
+@pytest.mark.parametrize(
+    "config, x",
+    [
+        pytest.param(cfg(energy=1.0), torch.randn(64, 16), id="full-rank-data"),
+        pytest.param(cfg(rank=16), torch.randn(64, 16), id="rank-equals-width"),
+        pytest.param(LaserConfig(), torch.randn(8, 16), id="below-min-numel"),
+    ],
+)
+def test_dense_fallback_stores_the_input_exactly(config, x):
+    tracker = SubspaceTracker(16, config)
+    packed = tracker.compress(x)
+    assert packed.is_dense and packed.coeffs is None
+    assert torch.equal(tracker.decompress(packed), x)
+    assert int(tracker.dense_stores) == 1 and int(tracker.stored_bytes) == x.numel() * 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(float("nan"), id="nan"),
+        pytest.param(float("inf"), id="inf"),
+        pytest.param(-float("inf"), id="-inf"),
+        pytest.param(3e38, id="overflows-fp32-energy"),
+    ],
+)
+def test_nonfinite_input_is_stored_dense_and_leaves_state_untouched(bad):
+    torch.manual_seed(0)
+    tracker = SubspaceTracker(16, cfg(energy=0.9, fidelity=0.9))
+    tracker.compress(torch.randn(32, 2) @ torch.randn(2, 16))
+    before = {k: v.clone() for k, v in tracker.state_dict().items()}
+    x = torch.randn(32, 16)
+    x[3, 5] = bad
+    packed = tracker.compress(x)
+    assert packed.is_dense
+    torch.testing.assert_close(tracker.decompress(packed), x, rtol=0, atol=0, equal_nan=True)
+    assert int(tracker.nonfinite) == 1 and state_is_finite(tracker)
+    for k in ("basis", "rank", "resets", "last_fidelity", "min_fidelity"):
+        assert torch.equal(tracker.state_dict()[k], before[k]), k
+
+
+def test_zero_input_is_safe_before_and_after_a_basis_exists():
+    tracker = SubspaceTracker(16, cfg(energy=0.9, fidelity=0.9))
+    assert tracker.compress(torch.zeros(32, 16)).is_dense  # nothing to build a basis from
+    assert tracker.basis.shape == (16, 0) and state_is_finite(tracker)
+    tracker.compress(torch.randn(32, 2) @ torch.randn(2, 16))
+    packed = tracker.compress(torch.zeros(32, 16))
+    assert not packed.is_dense and float(tracker.last_fidelity) == 1.0
+    assert torch.equal(tracker.decompress(packed), torch.zeros(32, 16)) and state_is_finite(tracker)
+
+
+def test_wrong_width_names_both_widths():
+    tracker = SubspaceTracker(16, cfg())
+    with pytest.raises(ConfigError, match=r"width 16.*last dim 12"):
+        tracker.compress(torch.randn(4, 12))
+
+
+def test_global_rng_is_not_consumed():
+    # a compressed model must draw the same dropout masks as the original
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    tracker = SubspaceTracker(32, cfg(energy=0.99, power_iters=2))
+    for sub in range(3):
+        tracker.compress(activation(64, 32, 6, 1.0, sub, seed=sub))
+    assert int(tracker.resets) + int(tracker.power_updates) >= 3
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_old_basis_version_is_freed_once_no_packed_refers_to_it():
+    tracker = SubspaceTracker(32, cfg(energy=0.99, power_iters=0))
+    p1 = tracker.compress(activation(64, 32, 4, 1.0, 0, seed=0))
+    old = weakref.ref(p1.basis)
+    p2 = tracker.compress(activation(64, 32, 4, 1.0, 1, seed=1))  # other subspace: reset
+    assert p2.basis is tracker.basis is not old()
+    assert old() is not None  # p1 still refers to it
+    del p1
+    assert old() is None
+
+
+# ---------------------------------------------------------------- state handling
+def _trained(width: int, rank: int) -> SubspaceTracker:
+    tracker = SubspaceTracker(width, cfg(rank=rank))
+    tracker.compress(activation(64, width, rank, 1.0, 0, seed=0))
+    return tracker
+
+
+def test_state_dict_round_trip_across_ranks():
+    src = _trained(24, 5)
+    dst = _trained(24, 2)
+    dst.load_state_dict(src.state_dict())
+    assert dst.stats() == src.stats() and torch.equal(dst.basis, src.basis)
+    fresh = SubspaceTracker(24, cfg(rank=5))
+    fresh.load_state_dict(src.state_dict())
+    assert torch.equal(fresh.basis, src.basis)
+    with pytest.raises(RuntimeError, match="basis"):
+        SubspaceTracker(20, cfg()).load_state_dict(src.state_dict())
+
+
+def test_deepcopy_and_torch_save_weights_only():
+    src = _trained(24, 3)
+    clone = copy.deepcopy(src)
+    assert torch.equal(clone.basis, src.basis) and clone.basis.data_ptr() != src.basis.data_ptr()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    loaded = SubspaceTracker(24, cfg(rank=3))
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    assert loaded.stats() == src.stats()
+    x = activation(16, 24, 3, 1.0, 0, seed=5)
+    assert torch.equal(loaded.compress(x).coeffs, src.compress(x).coeffs)
+
+
+def test_packed_repr_and_nbytes():
+    p = Packed(shape=torch.Size([2, 3]), dtype=torch.float32, dense=torch.zeros(2, 3))
+    assert p.nbytes == 24 and "dense" in repr(p)
