@@ -111,7 +111,9 @@ def compress(
         return verify(g, uncompressed, args, kwargs)
 
     gm, _ = run_passes(gm, [find_sites, plan, insert, check])
-    object.__setattr__(gm, _ORIGINAL, uncompressed)
+    # Kept on the state module (an ordinary nn.Module), not on the GraphModule, whose
+    # deepcopy keeps only a fixed set of attributes. Unregistered: it shares every tensor.
+    object.__setattr__(gm.laser_fx, _ORIGINAL, uncompressed)
     gm.laser_fx.skipped = dict(found["plan"].skipped)
     return gm
 
@@ -122,7 +124,7 @@ def strip(cmodel: nn.Module) -> GraphModule:
         raise ConfigError(
             f"strip expects a module returned by laser_fx.compress, got {type(cmodel).__name__}."
         )
-    original = cmodel.__dict__.get(_ORIGINAL)
+    original = getattr(cmodel, STATE_NAME).__dict__.get(_ORIGINAL)
     if original is None:
         raise ConfigError(
             "This compressed module has lost its uncompressed graph (it was rebuilt outside "

@@ -27,7 +27,10 @@ class LaserConfig:
         rank: fixed rank k; overrides ``energy`` when set.
         fidelity: reset trigger. When the current basis captures less than this fraction of a
             new activation's energy, the tracker runs power iterations and, if that is not
-            enough, rebuilds the basis. Must not exceed ``energy``.
+            enough, rebuilds the basis. Must not exceed ``energy``. None (default): equal to
+            ``energy``, so every stored activation keeps at least ``energy`` of its energy
+            (``energy=1.0`` is then lossless); with a fixed ``rank``, None means 98% of the
+            fidelity the last reset reached.
         power_iters: warm-started block power iterations tried before a reset (0: reset at once).
         oversample: extra columns used by power iterations and randomized SVD.
         max_rank: cap on k (None: no cap beyond the width).
@@ -48,7 +51,7 @@ class LaserConfig:
 
     energy: float = 0.99
     rank: int | None = None
-    fidelity: float = 0.95
+    fidelity: float | None = None
     power_iters: int = 1
     oversample: int = 4
     max_rank: int | None = None
@@ -64,9 +67,11 @@ class LaserConfig:
 
         if not isinstance(self.energy, (int, float)) or not 0.0 < self.energy <= 1.0:
             raise bad("energy", "must be a number in (0, 1]", self.energy)
-        if not isinstance(self.fidelity, (int, float)) or not 0.0 <= self.fidelity <= 1.0:
-            raise bad("fidelity", "must be a number in [0, 1]", self.fidelity)
-        if self.rank is None and self.fidelity > self.energy:
+        if self.fidelity is not None and (
+            not isinstance(self.fidelity, (int, float)) or not 0.0 <= self.fidelity <= 1.0
+        ):
+            raise bad("fidelity", "must be None or a number in [0, 1]", self.fidelity)
+        if self.rank is None and self.fidelity is not None and self.fidelity > self.energy:
             raise ConfigError(
                 f"`fidelity` ({self.fidelity}) must not exceed `energy` ({self.energy}): a basis "
                 "built to keep `energy` would be reset at once. Lower `fidelity` or raise `energy`."

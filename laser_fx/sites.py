@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, TraceError
-from .passes.find_sites import Site, Use, find_sites_pass
+from .passes.find_sites import _WRAP_GRAD, Site, Use, find_sites_pass
 from .tracing import annotate, trace
 
 __all__ = ["Site", "Use", "find_sites"]
@@ -24,15 +26,77 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs or ())
 
 
+class _ShapeRecorder(Interpreter):
+    """Runs the graph once and writes each node's output ``tensor_meta`` (as `ShapeProp` does).
+
+    Unlike `ShapeProp` it also steps into the ``wrap_with_set_grad_enabled`` submodules of an
+    exported graph, whose nodes carry only symbolic ``val`` sizes, under the grad mode the
+    region sets.
+    """
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor) and obj.layout is torch.strided:
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        return result
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if _WRAP_GRAD is not None and target is _WRAP_GRAD:
+            mode, sub, *operands = args
+            with torch.set_grad_enabled(bool(mode)):
+                return _ShapeRecorder(sub).run(*operands, enable_io_processing=False)
+        return super().call_function(target, args, kwargs)
+
+
 def _propagate_shapes(gm: GraphModule, args: tuple, kwargs: dict) -> None:
-    """Record activation shapes on an fx-traced graph (exported graphs carry them already)."""
-    if any("val" in n.meta for n in gm.graph.nodes if n.op == "call_function"):
-        return
+    """Record the activation shape of every node of ``gm`` on the example inputs.
+
+    The graph runs once under ``no_grad`` (regions the model switches to grad mode still
+    switch); the caller's RNG and the module's buffers (BatchNorm statistics) are restored
+    afterwards, so the analysis has no side effect on the model.
+
+    Args:
+        gm: a graph module from `laser_fx.trace` (fx or export).
+        args: positional example inputs.
+        kwargs: keyword example inputs.
+    """
     try:
         bound = inspect.signature(gm.forward).bind(*args, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"Example inputs do not match the traced forward: {e}.") from e
-    ShapeProp(gm).propagate(*bound.arguments.values())
+        raise ConfigError(
+            f"Example inputs do not match the traced forward{inspect.signature(gm.forward)}: "
+            f"{e}. Pass the same inputs the model is called with."
+        ) from e
+    # The graph's placeholders follow the forward's parameters in order.
+    bound.apply_defaults()
+    flat = pytree.tree_leaves((args, kwargs))
+    devices = sorted({
+        t.device.index or 0 for t in flat if isinstance(t, torch.Tensor) and t.is_cuda
+    })
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            _ShapeRecorder(gm).run(*bound.arguments.values())
+    except Exception as e:
+        raise TraceError(
+            f"Running the captured {type(gm).__name__} on the example inputs failed while "
+            f"recording activation shapes: {type(e).__name__}: {e}. Check that the example "
+            "inputs are the ones the model is called with."
+        ) from e
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def find_sites(
@@ -72,9 +136,5 @@ def find_sites(
             f"find_sites expects an nn.Module or a GraphModule, got {type(model_or_gm).__name__}."
         )
     if args or kwargs:
-        was_training = gm.training
-        try:
-            _propagate_shapes(gm, args, kwargs)
-        finally:
-            gm.train(was_training)
+        _propagate_shapes(gm, args, kwargs)
     return find_sites_pass(gm).record

@@ -162,6 +162,8 @@ class SubspaceTracker(nn.Module):
             self.register_buffer(name, torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_fidelity", torch.ones(()))
         self.register_buffer("min_fidelity", torch.ones(()))
+        # captured energy right after the last reset (the fixed-rank trigger is relative to it)
+        self.register_buffer("reset_fidelity", torch.ones(()))
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
@@ -224,19 +226,29 @@ class SubspaceTracker(nn.Module):
             if k == 0:  # nothing to build a basis from: keep it exactly, state untouched
                 return self._store_dense(x)
             return self._finish(x, self.basis, xm.new_zeros(xm.shape[0], k), 1.0)
+        threshold = self.threshold()
         if k > 0:
             coeffs = xm @ self.basis
             fid = min(1.0, float(coeffs.square().sum()) / total)
-            if fid >= self.config.fidelity:
+            if fid >= threshold:
                 return self._shrink_and_finish(x, coeffs, fid, total)
         with _single_thread_if_small(xm):
             if k > 0 and self.config.power_iters > 0 and k < self.width:
                 self.power_updates.add_(1)
                 basis, coeffs, fid = self._power_update(xm, total)
-                if fid >= self.config.fidelity:
+                if fid >= threshold:
                     return self._finish(x, basis, coeffs, fid)
             basis, coeffs, fid = self._reset(xm, total)  # first call, or tracking failed
+            self.reset_fidelity.fill_(fid)
         return self._finish(x, basis, coeffs, fid)
+
+    def threshold(self) -> float:
+        """Captured-energy fraction below which the basis is updated (see `LaserConfig`)."""
+        if self.config.fidelity is not None:
+            return self.config.fidelity
+        if self.config.rank is None:
+            return self.config.energy
+        return min(self.config.energy, 0.98 * float(self.reset_fidelity))
 
     def decompress(self, p: Packed) -> Tensor:
         """Reconstruction ``X̂ = C Qᵀ`` in the original shape and dtype (exact if dense).

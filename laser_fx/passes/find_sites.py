@@ -36,6 +36,7 @@ _CONV = {
     _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
 }
 _WRAP_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+_BOOKKEEPING = {operator.getitem, torch._C._set_grad_enabled, torch.is_grad_enabled, _WRAP_GRAD}
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ def _owner(param: str) -> str:
 def _shape_of(node: object) -> tuple[tuple[int, ...], int] | None:
     if not isinstance(node, Node):
         return None
-    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    # tensor_meta is recorded from the example inputs (concrete); export's val may be symbolic
+    val = node.meta.get("tensor_meta", node.meta.get("val"))
     shape = getattr(val, "shape", None)
     dtype = getattr(val, "dtype", None)
     if shape is None or dtype is None:
@@ -221,10 +223,16 @@ def find_sites_pass(gm: GraphModule) -> PassResult:
     for qname, node, binding in iter_nodes(gm):
         meta = node.meta.get(META_KEY, {})
         grad = bool(meta.get("grad_enabled", True))
+        # Bookkeeping nodes say nothing about a call's grad mode: export's getitem that
+        # unpacks a no-grad region's outputs runs with grad on but copies a module stack
+        # from inside the region, and a grad-mode switch is tagged with the mode after it.
+        counts = node.op in ("call_function", "call_method", "call_module") and not (
+            node.target in _BOOKKEEPING
+        )
         for path, idx in meta.get("module_stack", ()):
             if path:
                 seen = calls.setdefault(path, {})
-                seen[idx] = seen.get(idx, False) or grad
+                seen[idx] = seen.get(idx, False) or (grad and counts)
         hit = _classify(gm, node, binding)
         if hit is None:
             continue

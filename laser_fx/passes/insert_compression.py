@@ -32,8 +32,7 @@ def insert_compression(gm: GraphModule, plan: Plan) -> PassResult:
         return PassResult(gm, modified=False, record=plan)
     state = LaserState()
     gm.add_module(STATE_NAME, state)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else next(iter(gm.graph.nodes))
+    anchor = _hoist_get_attrs(gm)
     with gm.graph.inserting_after(anchor):
         gm.graph.call_module(STATE_NAME)
     for name, (site, mechanism, cfg) in plan.chosen.items():
@@ -54,6 +53,20 @@ def insert_compression(gm: GraphModule, plan: Plan) -> PassResult:
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
     return PassResult(gm, modified=True, record=plan)
+
+
+def _hoist_get_attrs(gm: GraphModule) -> Node:
+    """Move every ``get_attr`` right after the placeholders (reads have no side effects), so
+    that no call of a block owns one that a later call also reads. Returns the last moved
+    node (or the last placeholder)."""
+    nodes = list(gm.graph.nodes)
+    anchor = next((n for n in nodes if n.op != "placeholder"), None)
+    last = None
+    for n in nodes:
+        if n.op == "get_attr" and anchor is not None:
+            anchor.prepend(n)
+            last = n
+    return last or [n for n in nodes if n.op == "placeholder"][-1]
 
 
 def _rewrite_linear(gm: GraphModule, site: Site, target: str) -> int:

@@ -44,8 +44,8 @@ def outline_call(root: GraphModule, group: list[Node], name: str) -> Outlined:
     Nodes of the outer graph that lie between the group's first and last node but are not part
     of it are moved before the group when they do not depend on it, and after it when they do
     but the group does not depend on them; otherwise the group is not convex: `OutlineError`.
-    The outer graph is not changed except for that reordering and for ``get_attr`` nodes
-    inside the group, which are hoisted before it.
+    The outer graph is not changed except for that reordering. ``group`` must hold no
+    ``get_attr`` node (see `graph_nodes_of_call`).
     """
     graph = root.graph
     members = set(group)
@@ -76,36 +76,31 @@ def outline_call(root: GraphModule, group: list[Node], name: str) -> Outlined:
     env: dict[Node, Node] = {}
 
     def add_input(a: Node) -> None:
-        outer = _hoist(a, group[0]) if a in members else a  # get_attr inside the call
-        inputs.append(outer)
+        inputs.append(a)
         is_param.append(a.op == "get_attr")
         env[a] = sub.placeholder(f"in_{len(inputs) - 1}_{a.name}")
 
     for n in group:
-        if n.op == "get_attr":
-            continue  # read in the outer graph and passed in instead
         for a in n.all_input_nodes:
             if a not in env:
                 add_input(a)
         env[n] = sub.node_copy(n, lambda a: env[a])
-    outputs = [n for n in group if n.op != "get_attr" and any(u not in members for u in n.users)]
+    outputs = [n for n in group if any(u not in members for u in n.users)]
     sub.output(tuple(env[o] for o in outputs) if len(outputs) != 1 else env[outputs[0]])
     sub.lint()
     module = GraphModule(root, sub, class_name=name)
     return Outlined(module, inputs, is_param, outputs)
 
 
-def _hoist(node: Node, before: Node) -> Node:
-    """A copy of get_attr ``node`` placed before ``before`` (the original stays for other users)."""
-    with before.graph.inserting_before(before):
-        return before.graph.get_attr(node.target)
-
-
 def graph_nodes_of_call(gm: GraphModule, path: str, call_index: int, meta_key: str) -> list[Node]:
-    """Top-level nodes whose module stack contains ``(path, call_index)``, in graph order."""
+    """Top-level nodes whose module stack contains ``(path, call_index)``, in graph order.
+
+    ``get_attr`` nodes are never part of a call: they are read in the outer graph and passed
+    in (fx creates one per attribute, at its first use, and later calls reuse it).
+    """
     key = (path, call_index)
     return [
         n for n in gm.graph.nodes
-        if key in (tuple(e) for e in n.meta.get(meta_key, {}).get("module_stack", ()))
+        if n.op != "get_attr" and key in (tuple(e) for e in n.meta.get(meta_key, {}).get("module_stack", ()))
     ]
 
