@@ -87,9 +87,7 @@ def compress(
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     gm = trace(model, args, kwargs or None)
     if args or kwargs:
-        training = gm.training
         _propagate_shapes(gm, args, kwargs)
-        gm.train(training)
     # Kept for `strip`: the same graph before the rewrite, sharing every parameter.
     uncompressed = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     found: dict[str, Any] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,16 @@ __all__ = ["MODES", "LaserConfig"]
 
 MODES = ("auto", "linear", "checkpoint", "region")
 _STORE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+_VERSION = 1
+
+
+def _bad(name: str, rule: str, value: object) -> ConfigError:
+    return ConfigError(f"`{name}` {rule}, got {value!r}.")
+
+
+def _is_real(v: object) -> bool:
+    # bool is an int subclass, but `energy=True` is a slip, not 1.0
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -41,8 +52,9 @@ class LaserConfig:
         min_numel: tensors with fewer elements are stored as they are.
         store_dtype: dtype of stored coefficients (None: the activation's dtype).
         per_site: ``{regex: LaserConfig}`` overrides; the first regex that fully matches a
-            site name (``re.fullmatch``) gives that site's config.
-        version: config schema version.
+            site name (``re.fullmatch``) gives that site's whole config (fields are not
+            inherited from the outer config); overrides cannot nest.
+        version: config schema version (1).
 
     Example::
 
@@ -58,59 +70,85 @@ class LaserConfig:
     mode: str = "auto"
     min_numel: int = 1024
     store_dtype: torch.dtype | None = None
-    per_site: Mapping[str, LaserConfig] = field(default_factory=dict)
+    # hash=False: a dict is unhashable; equal configs still hash equal without it
+    per_site: Mapping[str, LaserConfig] = field(default_factory=dict, hash=False)
     version: int = 1
 
     def __post_init__(self) -> None:
-        def bad(name: str, rule: str, value: object) -> ConfigError:
-            return ConfigError(f"`{name}` {rule}, got {value!r}.")
-
-        if not isinstance(self.energy, (int, float)) or not 0.0 < self.energy <= 1.0:
-            raise bad("energy", "must be a number in (0, 1]", self.energy)
+        if not _is_real(self.energy) or not 0.0 < self.energy <= 1.0:  # NaN fails too
+            raise _bad("energy", "must be a number in (0, 1]", self.energy)
         if self.fidelity is not None and (
-            not isinstance(self.fidelity, (int, float)) or not 0.0 <= self.fidelity <= 1.0
+            not _is_real(self.fidelity) or not 0.0 <= self.fidelity <= 1.0
         ):
-            raise bad("fidelity", "must be None or a number in [0, 1]", self.fidelity)
+            raise _bad("fidelity", "must be None or a number in [0, 1]", self.fidelity)
         if self.rank is None and self.fidelity is not None and self.fidelity > self.energy:
             raise ConfigError(
                 f"`fidelity` ({self.fidelity}) must not exceed `energy` ({self.energy}): a basis "
                 "built to keep `energy` would be reset at once. Lower `fidelity` or raise `energy`."
             )
-        for name in ("rank", "max_rank"):
+        for name, low in (("rank", 1), ("max_rank", 1), ("power_iters", 0), ("oversample", 0),
+                          ("min_numel", 0), ("version", 1)):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise bad(name, "must be None or an integer >= 1", v)
-        for name in ("power_iters", "oversample", "min_numel"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, "must be an integer >= 0", v)
+            if v is None and name in ("rank", "max_rank"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                optional = "None or " if name in ("rank", "max_rank") else ""
+                raise _bad(name, f"must be {optional}an integer >= {low}", v)
+            object.__setattr__(self, name, int(v))  # numpy integers become plain ints
+        if self.version != _VERSION:
+            raise _bad("version", f"must be {_VERSION} (the schema this laser_fx reads)",
+                       self.version)
         if self.mode not in MODES:
-            raise bad("mode", f"must be one of {MODES}", self.mode)
+            raise _bad("mode", f"must be one of {MODES}", self.mode)
         if self.store_dtype not in _STORE_DTYPES:
-            raise bad("store_dtype", f"must be one of {_STORE_DTYPES}", self.store_dtype)
+            raise _bad("store_dtype", f"must be one of {_STORE_DTYPES}", self.store_dtype)
         if not isinstance(self.per_site, Mapping):
-            raise bad("per_site", "must be a mapping {regex: LaserConfig}", self.per_site)
+            raise _bad("per_site", "must be a mapping {regex: LaserConfig}", self.per_site)
         for pattern, sub in self.per_site.items():
+            if not isinstance(pattern, str):
+                raise _bad("per_site", "keys must be regular expressions (str)", pattern)
             try:
                 re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise bad("per_site", "keys must be valid regular expressions", pattern) from e
+            except re.error as e:
+                raise _bad("per_site", f"keys must be valid regular expressions ({e})",
+                           pattern) from e
             if not isinstance(sub, LaserConfig):
-                raise bad("per_site", f"values must be LaserConfig (key {pattern!r})", sub)
+                raise _bad("per_site", f"values must be LaserConfig (key {pattern!r})", sub)
             if sub.per_site:
-                raise ConfigError(f"`per_site` overrides cannot nest (key {pattern!r}).")
-        # Freeze the mapping so that the config stays hashable-by-value in spirit.
+                raise ConfigError(
+                    f"`per_site` overrides cannot nest (key {pattern!r} has its own `per_site`); "
+                    "list every pattern in the top-level config."
+                )
+        # A private copy: mutating the caller's dict later must not change this config.
         object.__setattr__(self, "per_site", dict(self.per_site))
 
     def for_site(self, name: str) -> LaserConfig:
-        """The config that applies to site ``name`` (first fully matching `per_site` key)."""
+        """The config that applies to site ``name``.
+
+        Args:
+            name: a site name (`Site.name`).
+
+        Returns:
+            The override of the first `per_site` key (in insertion order) that fully matches
+            ``name`` (``re.fullmatch``), used as it is (its fields do not inherit this
+            config's); otherwise this config without `per_site`.
+        """
         for pattern, sub in self.per_site.items():
             if re.fullmatch(pattern, name):
                 return sub
         return self if not self.per_site else dataclasses.replace(self, per_site={})
 
     def target_rank(self, width: int) -> int | None:
-        """Fixed rank for a site of this width, or None when chosen by `energy`."""
+        """Fixed rank for a site of this width, or None when chosen by `energy`.
+
+        Args:
+            width: feature width of the site's activation (>= 1).
+
+        Returns:
+            ``min(rank, width, max_rank)`` when ``rank`` is set, else None.
+        """
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
+            raise ConfigError(f"`width` must be an integer >= 1, got {width!r}.")
         if self.rank is None:
             return None
         return min(self.rank, width, self.max_rank or width)

@@ -33,7 +33,8 @@ class ActivationMemory:
 
     Attributes:
         after_forward: bytes created during the forward (and loss) still alive after it, with
-            only the loss held: the activation memory kept for backward.
+            only the loss held (its own scalar not counted): the activation memory kept for
+            backward.
         peak: the maximum of bytes alive (created since the forward began) over forward and
             backward, parameter gradients included.
         loss: the loss value of the measured step.
@@ -56,6 +57,10 @@ class _StorageTracker(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._seen: set[int] = set()
+
+    def tracks(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage was created while this mode was active and is alive."""
+        return id(t.untyped_storage()) in self._seen
 
     def _drop(self, key: int, nbytes: int) -> None:
         self._seen.discard(key)
@@ -88,10 +93,32 @@ def _default_loss(out: Any) -> torch.Tensor:
     floats = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not floats:
         raise ConfigError(
-            "The model returned no floating-point tensor to build a loss from; pass "
-            "`loss_fn=lambda output: ...` returning a scalar."
+            f"The model returned no floating-point tensor to build a loss from (got "
+            f"{type(out).__name__}); pass `loss_fn=lambda output: ...` returning a scalar."
         )
-    return sum(t.float().sum() for t in floats if t.requires_grad or t.grad_fn is not None)
+    # Outputs that reach the parameters make the loss; a model run entirely without grad
+    # still gets a (grad-free) scalar so that its forward can be measured.
+    tracked = [t for t in floats if t.requires_grad] or floats
+    loss = tracked[0].float().sum()
+    for t in tracked[1:]:
+        loss = loss + t.float().sum()
+    return loss
+
+
+def _check_loss(loss: object, custom: bool) -> torch.Tensor:
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss
+    got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else (
+        f"a {type(loss).__name__}"
+    )
+    who = "`loss_fn`" if custom else "The default loss"
+    raise ConfigError(f"{who} must return a scalar tensor (one element), got {got}.")
+
+
+def _own_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s storage when ``t`` is all of it (a fresh scalar loss), else 0."""
+    storage = t.untyped_storage()
+    return storage.nbytes() if storage.nbytes() == t.numel() * t.element_size() else 0
 
 
 def measure_activation_memory(
@@ -103,14 +130,25 @@ def measure_activation_memory(
 ) -> ActivationMemory:
     """Measure the bytes a training step keeps alive for backward, and its peak.
 
+    Every storage an op creates while the step runs is tracked until it is freed, so what
+    autograd saves, and what a compression mechanism stores instead (tensors created inside
+    saved-tensor pack hooks included), is counted; parameters, inputs and views of them are
+    not. The loss scalar itself is not part of ``after_forward``.
+
     Args:
         model: any callable module (compressed or not).
         inputs: positional inputs (a tensor or a tuple of them).
-        loss_fn: maps the model's output to a scalar loss (default: sum of float outputs).
-        backward: also run backward (needed for the peak; parameter ``.grad`` is written).
+        loss_fn: maps the model's output to a scalar loss (default: sum of the float outputs
+            that require grad, or of all float outputs when none does).
+        backward: also run backward (needed for the peak; parameter ``.grad`` is written,
+            accumulated into existing gradients).
 
     Returns:
         `ActivationMemory` with ``after_forward`` (activation bytes) and ``peak``.
+
+    Raises:
+        ConfigError: ``model`` or ``loss_fn`` is not callable, ``loss_fn`` raised, or the
+            loss is not a scalar tensor.
 
     Example::
 
@@ -120,16 +158,37 @@ def measure_activation_memory(
     """
     if not callable(model):
         raise ConfigError(f"`model` must be callable, got {type(model).__name__}.")
-    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    loss_fn = loss_fn or _default_loss
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(
+            f"`loss_fn` must be callable (output -> scalar tensor), got {type(loss_fn).__name__}."
+        )
+    if isinstance(inputs, torch.Tensor):
+        args: tuple = (inputs,)
+    elif isinstance(inputs, (tuple, list)):
+        args = tuple(inputs)
+    else:
+        raise ConfigError(
+            f"`inputs` must be a tensor or a tuple of positional inputs, got "
+            f"{type(inputs).__name__}."
+        )
     tracker = _StorageTracker()
     with tracker:
-        loss = loss_fn(model(*args))
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError("`loss_fn` must return a scalar tensor.")
-        after_forward = tracker.live
-        if backward:
-            if loss.requires_grad:
-                loss.backward()
+        out = model(*args)
+        if loss_fn is None:
+            loss = _check_loss(_default_loss(out), custom=False)
+        else:
+            try:
+                loss = loss_fn(out)
+            except Exception as e:
+                raise ConfigError(
+                    f"`loss_fn` raised {type(e).__name__} on the model's output "
+                    f"({type(out).__name__}): {e}"
+                ) from e
+            loss = _check_loss(loss, custom=True)
+        # Drop the output so that only what backward needs stays alive.
+        del out
+        after_forward = tracker.live - (_own_bytes(loss) if tracker.tracks(loss) else 0)
+        if backward and loss.requires_grad:
+            loss.backward()
     value = float(loss.detach())
     return ActivationMemory(after_forward=after_forward, peak=tracker.peak, loss=value)

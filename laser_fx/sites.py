@@ -106,15 +106,20 @@ def find_sites(
 ) -> list[Site]:
     """List the weight-shared (looped) sites of a model.
 
-    A site is a parameterized op (linear, matmul with a parameter, conv) applied two or more
-    times by the same module, or a module called two or more times (``kind="module"``, the
-    recursive block). Each `Site` lists its uses in execution order (the recursion step) and
-    whether each ran with grad enabled.
+    A site is a parameterized op (linear, ``X @ W`` with a parameter ``W`` on the right,
+    conv) applied two or more times by the same module, or a module called two or more times
+    (``kind="module"``, the recursive block). Each `Site` lists its uses in execution order
+    (the recursion step) and whether each ran with grad enabled. Not sites: a matrix tied
+    between two modules that apply it once each (embedding and lm_head), and ``W @ X`` (the
+    ``X`` it saves has the width on its first axis; trackers compress along the last).
 
     Args:
-        model_or_gm: an ``nn.Module`` (traced with `laser_fx.trace`) or a ``GraphModule``.
+        model_or_gm: an ``nn.Module`` (traced with `laser_fx.trace`) or a ``GraphModule``
+            from `laser_fx.trace` (fx or export), analysed in place (``node.meta``).
         example_inputs: positional example inputs; with them, per-use activation shapes and
-            bytes are filled in, and a model plain fx cannot trace is captured by export.
+            bytes are filled in (the graph runs once, without side effects on RNG or
+            buffers), and a model plain fx cannot trace is captured by export. Without them
+            shapes are None, except those a graph module already recorded.
         example_kwargs: keyword example inputs.
 
     Returns:

@@ -1,8 +1,10 @@
 """Analysis pass: find weight-shared (looped) sites.
 
-A site is a parameterized op (linear, matmul with a parameter on the right, conv) whose
-parameter is applied two or more times by the same module: a recursion. Each application is a
-`Use`, in execution order (the recursion step). Modules called two or more times whose
+A site is a parameterized op (linear, ``X @ W`` with a parameter on the right, conv) whose
+parameter is applied two or more times by the same module: a recursion. ``W @ X`` is not a
+site: the ``X`` it saves has the parameter's width on its first axis, and trackers compress
+along the last one. Each application is a `Use`, in execution order (the recursion step).
+Modules called two or more times whose
 ancestors are not (the shared block of a looped model, e.g. TRM's ``net``) are reported as
 ``kind="module"`` sites, so that whole-block mechanisms can select them.
 
