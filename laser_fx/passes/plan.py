@@ -26,7 +26,7 @@ from .find_sites import Site
 __all__ = ["AUTO_BLOCK_MODE", "Plan", "SiteSelector", "plan_sites", "select"]
 
 #: mechanism ``mode="auto"`` gives a module site (see README, "Choosing a mechanism")
-AUTO_BLOCK_MODE = "region"
+AUTO_BLOCK_MODE = "checkpoint"
 _BLOCK_MODES = ("region", "checkpoint")
 
 SiteSelector = str | Sequence[str] | Callable[[Site], bool]

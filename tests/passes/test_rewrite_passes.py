@@ -17,7 +17,7 @@ from laser_fx.passes import META_KEY, PassError, PassResult, run_passes
 from laser_fx.passes.find_sites import find_sites_pass
 from laser_fx.passes.insert_compression import insert_compression
 from laser_fx.passes.outline import OutlineError, graph_nodes_of_call, outline_call
-from laser_fx.passes.plan import plan_sites
+from laser_fx.passes.plan import AUTO_BLOCK_MODE, plan_sites
 from laser_fx.passes.verify import VerifyError, verify
 from laser_fx.testing.zoo import ZOO
 
@@ -70,7 +70,7 @@ def test_plan_is_analysis_only_and_prefers_blocks():
     res = plan_sites(gm, sites)
     assert res.modified is False and gm.code == before
     plan = res.record
-    assert list(plan.chosen) == ["net"] and plan.chosen["net"][1] == "region"
+    assert list(plan.chosen) == ["net"] and plan.chosen["net"][1] == AUTO_BLOCK_MODE
     assert all(why.startswith("covered by block net") for why in plan.skipped.values())
     lin = plan_sites(gm, sites, config=LaserConfig(mode="linear")).record
     assert "net" not in lin.chosen and all(m == "linear" for _, m, _ in lin.chosen.values())
