@@ -191,10 +191,11 @@ def _site_row(module: LinearSite | BlockSite) -> dict[str, Any]:
     if isinstance(module, BlockSite):
         st = module.last_stats
         stored, dense = st.total_stored_bytes, st.seen_bytes
-    else:
-        bases = {id(t.basis): t.basis.numel() * t.basis.element_size() for t in trackers}
-        stored = sum(s["stored_bytes"] for s in stats) + (sum(bases.values()) if stats and stats[0]["stored_bytes"] else 0)
-        dense = sum(s["dense_bytes"] for s in stats)
+    else:  # coefficients of this step, plus the basis they refer to
+        (trk,), (st,) = trackers, stats
+        compressed = st["stored_bytes"] < st["dense_bytes"]
+        stored = st["stored_bytes"] + (trk.basis.numel() * trk.basis.element_size() if compressed else 0)
+        dense = st["dense_bytes"]
     return {
         "name": site.name,
         "mechanism": module.mechanism,

@@ -173,4 +173,5 @@ class LaserState(nn.Module):
             if isinstance(site, BlockSite):
                 site.slots = nn.ModuleDict()
             else:
-                site.tracker = SubspaceTracker(site.tracker.width, site.config)
+                old = site.tracker
+                site.tracker = SubspaceTracker(old.width, site.config).to(old.basis.device)

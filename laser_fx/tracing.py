@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
@@ -169,7 +170,75 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.Graph
     # Never ep.run_decompositions(): it inlines wrap_with_set_grad_enabled regions.
     gm = ep.module()
     _share_state(model, gm)
+    gm._laser_fx_aliases = _alias_map(model, gm)
+    _first_names(model, gm)
     return gm
+
+
+def _first_names(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Point each parameter get_attr at the parameter's first name in ``model``.
+
+    Export names a parameter shared by aliased modules after its last alias; sites are named
+    after parameters and blocks after modules, so both must use the same (first) name.
+    """
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        first.setdefault(id(p), name)
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            p = gm.get_parameter(node.target)
+            name = first.get(id(p))
+            if name and name != node.target and gm.get_parameter(name) is p:
+                node.target, changed = name, True
+        except AttributeError:
+            continue
+    if changed:
+        gm.recompile()
+
+
+_SLICE = re.compile(r"slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)")
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    """The module an export path names; export writes ``layers[:n][i]`` as ``layers.slice(None, n, None).i``."""
+    mod: Any = model
+    for part in path.split("."):
+        sliced = _SLICE.fullmatch(part)
+        try:
+            if sliced:
+                mod = list(mod)[slice(*(None if v == "None" else int(v) for v in sliced.groups()))]
+            elif isinstance(mod, list):
+                mod = mod[int(part)]
+            else:
+                mod = getattr(mod, part)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+    return mod if isinstance(mod, nn.Module) else None
+
+
+def _alias_map(model: nn.Module, gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Map every module path in ``gm``'s stacks to the first name of the module object.
+
+    One module listed R times (``nn.ModuleList([layer] * R)``) is one recursion: export names
+    each listing by its own path, so without this its uses look like R unrelated modules.
+    """
+    first: dict[int, str] = {}
+    for name, mod in model.named_modules():  # remove_duplicate: each object's first name
+        first.setdefault(id(mod), name)
+    out: dict[str, str] = {}
+    for sub in gm.modules():
+        graph = getattr(sub, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            for value in (node.meta.get("nn_module_stack") or {}).values():
+                raw = value[0] if isinstance(value, tuple) else str(value)
+                path = raw.removeprefix("L['self']").lstrip(".")
+                mod = _module_at(model, path) if path and path not in out else None
+                if mod is not None and first.get(id(mod), path) != path:
+                    out[path] = first[id(mod)]
+    return out
 
 
 def _as_dynamic(model: nn.Module, args_dims: Any, kwargs_dims: Any) -> Any:
@@ -198,7 +267,7 @@ def _share_state(model: nn.Module, gm: nn.Module) -> None:
 # ------------------------------------------------------------------------------ annotate
 
 
-def _parse_stack(stack: dict | None) -> list[tuple[str, int]]:
+def _parse_stack(stack: dict | None, aliases: dict[str, str], calls: dict) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for key, value in (stack or {}).items():
         path = value[0] if isinstance(value, tuple) else str(value)
@@ -207,11 +276,15 @@ def _parse_stack(stack: dict | None) -> list[tuple[str, int]]:
         if path == "":
             continue  # the root module itself: not a call of a submodule
         head, sep, count = str(key).rpartition("@")
-        out.append((path, int(count) if sep and count.isdigit() else 0))
+        raw = (path, int(count) if sep and count.isdigit() else 0)
+        # Calls of one module object under several paths count as calls of its first name,
+        # numbered in execution order.
+        seen = calls.setdefault(aliases.get(path, path), {})
+        out.append((aliases.get(path, path), seen.setdefault(raw, len(seen))))
     return out
 
 
-def _annotate_graph(gm: nn.Module, grad: bool) -> None:
+def _annotate_graph(gm: nn.Module, grad: bool, aliases: dict[str, str], calls: dict) -> None:
     values: dict[torch.fx.Node, bool] = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.is_grad_enabled:
@@ -223,12 +296,12 @@ def _annotate_graph(gm: nn.Module, grad: bool) -> None:
             node.target is torch.ops.higher_order.wrap_with_set_grad_enabled
         ):
             sub = getattr(gm, node.args[1].target)
-            _annotate_graph(sub, bool(node.args[0]))
+            _annotate_graph(sub, bool(node.args[0]), aliases, calls)
         info = node.meta.setdefault(META_KEY, {})
         stack = node.meta.get("nn_module_stack")
         if node.op == "call_module" and type(getattr(gm, node.target, None)).__name__ == "GuardsFn":
             stack = None  # export's input-shape guard copies a stranger's module stack
-        info["module_stack"] = _parse_stack(stack)
+        info["module_stack"] = _parse_stack(stack, aliases, calls)
         info["grad_enabled"] = grad
 
 
@@ -248,7 +321,7 @@ def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Returns:
         ``gm``, annotated in place.
     """
-    _annotate_graph(gm, True)
+    _annotate_graph(gm, True, dict(getattr(gm, "_laser_fx_aliases", {})), {})
     return gm
 
 
@@ -356,6 +429,28 @@ def _user_line(e: BaseException) -> str:
     return found
 
 
+def _output_hint(model: nn.Module, e: BaseException) -> str:
+    """What to do when export cannot flatten an output (a Hugging Face KV cache, say)."""
+    for x in _chain(e):
+        found = re.search(r"Found <class '([\w.]+)'> in output", str(x))
+        if found is None:
+            continue
+        cls = found.group(1).rpartition(".")[2]
+        if "Cache" in cls or getattr(getattr(model, "config", None), "use_cache", False):
+            return (
+                f" Cause: the model returns a {cls} (its key/value cache), which cannot be "
+                "captured. Fix: build the model with `use_cache=False` "
+                "(model.config.use_cache = False) or pass use_cache=False in example_kwargs "
+                "and in every call; training needs no cache."
+            )
+        return (
+            f" Cause: the model returns a {cls}, which torch.export cannot flatten. Fix: "
+            "return tensors (or tuples/dicts of them), or register the class with "
+            "torch.utils._pytree.register_pytree_node."
+        )
+    return ""
+
+
 def _data_dependent_error(model: nn.Module, e: BaseException, how: str) -> TraceError:
     children = [n for n, _ in model.named_children()]
     body = f"model.{children[0]}" if len(children) == 1 else "model.<loop body>"
@@ -459,7 +554,8 @@ def trace(
         if _is_data_dependent(e):
             raise _data_dependent_error(model, e, "torch.export") from e
         errors.append(f"export: {type(e).__name__}: {str(e)[:500]}")
-        raise TraceError(f"Could not capture {type(model).__name__}: " + " | ".join(errors)) from e
+        raise TraceError(f"Could not capture {type(model).__name__}.{_output_hint(model, e)} "
+                         "Details: " + " | ".join(errors)) from e
 
 
 def _finish(gm: torch.fx.GraphModule, how: str, leaves: list) -> torch.fx.GraphModule:

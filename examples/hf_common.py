@@ -1,0 +1,242 @@
+"""Shared pieces of the Hugging Face examples: generated batches, interleaved baseline-vs-LASER
+training with timing, held-out evaluation, activation memory and the printed summary.
+
+The examples (`hf_albert.py`, `hf_looped_llama.py`) build a small weight-shared transformer
+from a config (random weights, nothing downloaded), train an uncompressed copy and a
+`laser_fx.compress`-ed copy from the same initial weights on the same batches, and print what
+LASER changed: activation memory kept for backward, step time and held-out loss / accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import laser_fx
+
+__all__ = [
+    "Batch",
+    "Comparison",
+    "LossFn",
+    "Summary",
+    "activation_memory",
+    "add_common_args",
+    "build_arms",
+    "evaluate",
+    "print_summary",
+    "torch_threads",
+    "train_interleaved",
+]
+
+
+class Batch(NamedTuple):
+    """One batch: keyword inputs of the model and the targets of the loss."""
+
+    inputs: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+
+class Summary(NamedTuple):
+    """What an example's ``main`` returns: the figures it printed, for tests and notebooks."""
+
+    memory_ratio: float
+    step_time_ratio: float
+    held_out: dict[str, tuple[float, float]]
+    sites: list[laser_fx.Site]
+    capture: str
+
+
+#: ``loss_fn(model_output, target) -> (mean loss, number correct, number counted)``
+LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, int, int]]
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
+    """Add ``--steps``, ``--quick``, ``--seed``, ``--mode``, ``--lr``, ``--threads`` to a parser.
+
+    Args:
+        parser: the example's argument parser.
+        steps: default number of training steps.
+    """
+    parser.add_argument("--steps", type=int, default=steps, help="training steps per arm")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny run (a few steps, small batches) for tests")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+    parser.add_argument("--mode", choices=laser_fx.config.MODES, default="auto",
+                        help="LASER mechanism (LaserConfig.mode)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: these small ops run fastest on a shared box)")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_arms(
+    make_model: Callable[[], nn.Module], example: Batch, config: laser_fx.LaserConfig
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Build the baseline and the LASER arm from the same initial weights.
+
+    Args:
+        make_model: builds the (seeded) model; called once.
+        example: inputs used to capture and check the compressed model.
+        config: the LASER config.
+
+    Returns:
+        ``(baseline, laser_source, cmodel)``: ``cmodel`` is ``laser_fx.compress`` of
+        ``laser_source`` (a deep copy of ``baseline``) and shares its parameters.
+    """
+    baseline = make_model()
+    source = copy.deepcopy(baseline)
+    cmodel = laser_fx.compress(source, config=config, example_kwargs=example.inputs)
+    return baseline, source, cmodel
+
+
+@dataclass
+class Comparison:
+    """Per-step training losses and step times of the two arms."""
+
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def median_time(self, arm: str, skip: int) -> float:
+        """Median step time of ``arm`` in seconds, leaving out the first ``skip`` (warm-up)."""
+        t = self.times[arm]
+        return statistics.median(t[skip:] if len(t) > skip else t)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, loss_fn: LossFn) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss, _, _ = loss_fn(model(**batch.inputs), batch.target)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def train_interleaved(
+    arms: dict[str, tuple[nn.Module, nn.Module]],
+    batches: Iterator[Batch],
+    loss_fn: LossFn,
+    *,
+    steps: int,
+    lr: float,
+    desc: str = "train",
+) -> Comparison:
+    """Train every arm on the same batches, one step of each per batch, in alternating order.
+
+    Interleaving puts both arms under the same machine load (other processes, thermal state),
+    so the step-time ratio compares like with like; the order alternates so that neither arm
+    always runs on a warm cache.
+
+    Args:
+        arms: ``name -> (module to call, module owning the parameters)``.
+        batches: an endless iterator of batches.
+        loss_fn: see `LossFn`.
+        steps: number of batches.
+        lr: AdamW learning rate (same for every arm).
+        desc: progress bar label.
+
+    Returns:
+        The `Comparison` of losses and step times.
+    """
+    opts = {name: torch.optim.AdamW(owner.parameters(), lr=lr) for name, (_, owner) in arms.items()}
+    out = Comparison({n: [] for n in arms}, {n: [] for n in arms})
+    names = list(arms)
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    for i in bar:
+        batch = next(batches)
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            out.losses[name].append(_step(arms[name][0], opts[name], batch, loss_fn))
+            out.times[name].append(time.perf_counter() - t0)
+        bar.set_postfix({n: f"{out.losses[n][-1]:.3f}" for n in names})
+    for _, owner in arms.values():
+        owner.zero_grad(set_to_none=True)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on held-out ``batches``.
+
+    Returns:
+        ``(loss, accuracy)``; the loss is averaged over batches weighted by counted items.
+    """
+    total, correct, count = 0.0, 0, 0
+    for b in batches:
+        loss, c, n = loss_fn(model(**b.inputs), b.target)
+        total += float(loss) * n
+        correct += c
+        count += n
+    return total / max(count, 1), correct / max(count, 1)
+
+
+def activation_memory(model: nn.Module, batch: Batch, loss_fn: LossFn) -> laser_fx.ActivationMemory:
+    """`laser_fx.measure_activation_memory` of one training step of ``model`` on ``batch``.
+
+    The model takes keyword inputs, so it is called through a positional shim.
+    """
+    keys = list(batch.inputs)
+
+    def call(*tensors: torch.Tensor) -> Any:
+        return model(**dict(zip(keys, tensors, strict=True)))
+
+    mem = laser_fx.measure_activation_memory(
+        call, tuple(batch.inputs.values()), lambda out: loss_fn(out, batch.target)[0]
+    )
+    model.zero_grad(set_to_none=True)
+    return mem
+
+
+def print_summary(
+    *,
+    base_mem: laser_fx.ActivationMemory,
+    laser_mem: laser_fx.ActivationMemory,
+    comparison: Comparison,
+    held_out: dict[str, tuple[float, float]],
+    metric: str,
+) -> tuple[float, float]:
+    """Print memory, step time and held-out figures of both arms.
+
+    Args:
+        base_mem: baseline activation memory.
+        laser_mem: LASER activation memory.
+        comparison: training record from `train_interleaved` (arms "baseline" and "laser").
+        held_out: ``arm -> (loss, accuracy)`` on held-out data.
+        metric: what the accuracy counts (printed).
+
+    Returns:
+        ``(LASER / baseline activation bytes kept for backward, LASER / baseline step time)``.
+    """
+    ratio = laser_mem.ratio_to(base_mem)
+    skip = min(5, max(len(comparison.times["baseline"]) // 5, 0))
+    t_base = comparison.median_time("baseline", skip)
+    t_laser = comparison.median_time("laser", skip)
+    mib = 2.0**20
+    print("\nActivation memory kept for backward (laser_fx.measure_activation_memory):")
+    print(f"  baseline : {base_mem.after_forward / mib:8.2f} MiB  (peak {base_mem.peak / mib:.2f} MiB)")
+    print(f"  LASER    : {laser_mem.after_forward / mib:8.2f} MiB  (peak {laser_mem.peak / mib:.2f} MiB)")
+    print(f"activation memory ratio (LASER / baseline): {ratio:.3f}x")
+    print(f"step time (median, interleaved): baseline {t_base * 1e3:.1f} ms, "
+          f"LASER {t_laser * 1e3:.1f} ms, ratio {t_laser / t_base:.2f}x")
+    print(f"held-out ({metric}):")
+    for arm, (loss, acc) in held_out.items():
+        print(f"  {arm:<9}: loss {loss:.4f}  accuracy {acc:.4f}")
+    return ratio, t_laser / t_base
