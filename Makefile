@@ -23,7 +23,7 @@ $(VENV)/.demo: $(VENV)/.torch pyproject.toml
 	touch $@
 
 demo: $(VENV)/.demo
-	$(PY) examples/demo.py
+	$(PY) examples/trm/train.py --quick
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci

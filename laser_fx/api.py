@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +85,21 @@ def compress(
     config = LaserConfig() if config is None else config
     if not isinstance(config, LaserConfig):
         raise ConfigError(f"`config` must be a LaserConfig, got {type(config).__name__}.")
+    if isinstance(example_inputs, Mapping):
+        raise ConfigError(
+            "`example_inputs` are the positional inputs (a tuple); pass keyword inputs as "
+            f"`example_kwargs`, e.g. example_kwargs={{{', '.join(map(repr, example_inputs))}: ...}}."
+        )
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    if args or kwargs:
+        try:
+            inspect.signature(model.forward).bind(*args, **kwargs)
+        except TypeError as e:
+            raise ConfigError(
+                f"example_inputs/example_kwargs do not match {type(model).__name__}.forward"
+                f"{inspect.signature(model.forward)}: {e}. Pass example_inputs (and "
+                "example_kwargs) exactly as the model is called."
+            ) from e
     gm = trace(model, args, kwargs or None)
     if args or kwargs:
         _propagate_shapes(gm, args, kwargs)

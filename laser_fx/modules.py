@@ -136,6 +136,9 @@ class BlockSite(_SiteBase):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Slots are created lazily; re-create the ones a saved state has before loading it.
         head = prefix + "slots."
+        saved = {key[len(head):].split(".")[0] for key in state_dict if key.startswith(head)}
+        for slot in [s for s in self.slots if s not in saved]:
+            del self.slots[slot]  # not in the loaded state: it was created after that save
         for key, value in state_dict.items():
             if key.startswith(head) and key.endswith(".basis"):
                 slot = key[len(head):].split(".")[0]

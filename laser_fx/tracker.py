@@ -183,6 +183,9 @@ class SubspaceTracker(nn.Module):
         out["min_fidelity"] = float(self.min_fidelity)
         return out
 
+    # torch.compile: the tracker is data-dependent Python (ranks, norms); dynamo would
+    # recompile it per width/rank until its limit, then run it eagerly anyway
+    @torch.compiler.disable
     @torch.no_grad()
     def compress(self, x: Tensor) -> Packed:
         """Store ``x`` (any leading dims, last dim ``width``) in the tracked basis.

@@ -234,6 +234,13 @@ class _CompressedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise LaserFxError(
+                "compressed checkpoints do not support create_graph=True (double backward): "
+                "the block is re-run from a low-rank reconstruction of its inputs, so second "
+                "derivatives through it would be wrong. Exclude the block (`exclude=`), use "
+                "mode='region' for it, or call backward without create_graph."
+            )
         run: _Run = ctx.run
         saved = ctx.saved_tensors  # PyTorch's own error if the graph was already freed
         n = run.n_inputs

@@ -42,8 +42,10 @@ class _CompressedLinear(torch.autograd.Function):
             # keep autograd's in-place modification check for the input we hold as it is
             ctx.save_for_backward(weight, x)
         else:
-            ctx.save_for_backward(weight)
-        ctx.packed = packed
+            # saved tensors, not ctx attributes: autograd frees them after a backward without
+            # retain_graph and keeps them for a second backward with it
+            ctx.save_for_backward(weight, packed.coeffs, packed.basis)
+        ctx.meta = (packed.shape, packed.dtype)
         return out
 
     @staticmethod
@@ -55,20 +57,21 @@ class _CompressedLinear(torch.autograd.Function):
                 "wrong. Exclude this site from compression (`exclude=`) or call "
                 "backward without create_graph."
             )
-        weight = ctx.saved_tensors[0]
-        packed: Packed = ctx.packed
+        weight, *rest = ctx.saved_tensors
+        shape, dtype = ctx.meta
+        if len(rest) == 1:
+            packed = Packed(shape=shape, dtype=dtype, dense=rest[0])
+        else:
+            packed = Packed(shape=shape, dtype=dtype, coeffs=rest[0], basis=rest[1])
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         if need_x:
             grad_x = dy.matmul(weight.to(dy.dtype))
         dy2 = dy.reshape(-1, dy.shape[-1])
         if need_w:
-            if packed.dense is not None:
-                packed = Packed(shape=packed.shape, dtype=packed.dtype, dense=ctx.saved_tensors[1])
             grad_w = _grad_weight(dy2, packed, weight.dtype)
         if need_b:
             grad_b = dy2.sum(0)
-        ctx.packed = None  # free the coefficients (and the basis version) as early as possible
         return grad_x, grad_w, grad_b, None
 
 

@@ -88,6 +88,12 @@ def plan_sites(
             "models; if the loop runs a data-dependent number of times, compress the loop "
             "body module instead: laser_fx.compress(model.<body>, ...)."
         )
+    names = [s.name for s in sites]
+    unused = [p for p in config.per_site if not any(re.fullmatch(p, n) for n in names)]
+    if unused:
+        raise ConfigError(
+            f"`per_site` pattern(s) {unused} match no site (re.fullmatch). Sites: {names}."
+        )
     explicit = not (isinstance(spec, str) and spec == "auto")
     chosen = select(sites, spec, "sites")
     dropped = {s.name for s in select(sites, exclude, "exclude")}

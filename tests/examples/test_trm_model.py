@@ -12,14 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from examples.trm.data import iterate_batches, make_dataset, vocab_size
-from examples.trm.model import (
+from examples.trm.model import TRM, TRMConfig, swiglu_hidden
+from examples.trm.training import (
     EMA,
-    TRM,
     DeepSupervision,
-    TRMConfig,
     evaluate,
     stablemax_cross_entropy,
-    swiglu_hidden,
     trm_loss,
 )
 from laser_fx.errors import ConfigError

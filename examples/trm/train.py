@@ -1,0 +1,298 @@
+"""Train a Tiny Recursive Model on Sudoku or mazes, with and without LASER, and compare.
+
+Both arms start from the same initial weights and see the same batches; they train in
+lockstep (one step of each, alternating) so their step times are measured under the same
+machine load. The LASER arm trains through ``laser_fx.compress(model, ...)``, whose
+parameters are the model's own (its optimizer is built on ``model.parameters()``).
+
+Usage::
+
+    PYTHONPATH=. python examples/trm/train.py --quick
+    PYTHONPATH=. python examples/trm/train.py --task maze --size 7 --mixer attn --steps 300 \\
+        --seeds 0 1 --out results/maze.json
+
+``run(args)`` is the entry point the experiment uses; it returns the JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `examples` and `laser_fx` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from tqdm import tqdm
+
+import laser_fx
+from examples.trm.data import iterate_batches, make_dataset, seq_len, vocab_size
+from examples.trm.model import TRM, TRMConfig
+from examples.trm.training import EMA, DeepSupervision, evaluate, trm_loss
+
+__all__ = ["ARMS", "build_parser", "main", "run"]
+
+ARMS = ("baseline", "laser")
+_SKIP_TIMING = 3  # first steps of each arm left out of the median step time (warm-up)
+
+QUICK = {  # what `make demo` runs: both arms, a few minutes on 2 CPU cores
+    "task": "sudoku", "size": 4, "mixer": "mlp_t", "d": 64, "n": 3, "T": 2, "batch": 64,
+    "max_sup_steps": 2, "steps": 150, "lr": 3e-3, "seeds": [0], "n_train": 2000, "n_test": 500,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (also the defaults `run` fills in)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--task", choices=("sudoku", "maze"), default="sudoku")
+    a("--size", type=int, default=4, help="grid side (sudoku 4/6/9, maze >= 5)")
+    a("--difficulty", type=int, default=None, help="sudoku blanks / maze min path (data default)")
+    a("--d", type=int, default=64, help="model width D")
+    a("--n", type=int, default=3, help="z-updates per cycle")
+    a("--T", type=int, default=2, help="cycles per supervision step")
+    a("--heads", type=int, default=4)
+    a("--mixer", choices=("attn", "mlp_t"), default="mlp_t")
+    a("--steps", type=int, default=300, help="optimizer steps per arm")
+    a("--batch", type=int, default=64)
+    a("--lr", type=float, default=1e-3)
+    a("--weight-decay", type=float, default=0.1)
+    a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    a("--warmup", type=int, default=20, help="linear lr warm-up steps")
+    a("--ema-decay", type=float, default=0.99, help="EMA of weights (0.999 in TRM's 65k steps)")
+    a("--eval-every", type=int, default=0, help="also evaluate every N steps (0: at the end)")
+    a("--max-sup-steps", type=int, default=2, help="ACT maximum supervision steps (eval runs all)")
+    a("--seeds", type=int, nargs="+", default=[0], help="model / batch-order seeds")
+    a("--data-seed", type=int, default=0, help="training puzzles; held-out ones use +10000")
+    a("--n-train", type=int, default=2000)
+    a("--n-test", type=int, default=500)
+    a("--laser", action=argparse.BooleanOptionalAction, default=True,
+      help="also train the LASER arm (--no-laser: baseline only)")
+    a("--energy", type=float, default=None, help="LaserConfig.energy")
+    a("--rank", type=int, default=None, help="LaserConfig.rank (fixed rank)")
+    a("--fidelity", type=float, default=None, help="LaserConfig.fidelity")
+    a("--mode", choices=("auto", "linear", "region", "checkpoint"), default=None)
+    a("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
+    a("--out", type=Path, default=None, help="write the results JSON here")
+    a("--quick", action="store_true", help="the demo: small Sudoku, both arms, ~2-4 min")
+    a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    return p
+
+
+def _laser_config(args: argparse.Namespace) -> laser_fx.LaserConfig:
+    kw = {k: getattr(args, k) for k in ("energy", "rank", "fidelity", "mode")}
+    return laser_fx.LaserConfig(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _lr_at(step: int, args: argparse.Namespace) -> float:
+    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+
+
+class _Arm:
+    """One trained model: the module trained through, its optimizer, EMA, carry and timings."""
+
+    def __init__(self, name: str, model: TRM, module: torch.nn.Module, args, seed: int, data):
+        self.name, self.model, self.module = name, model, module
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
+        )
+        self.ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+        batches = iterate_batches(data[0], data[1], args.batch, seed=seed)
+        self.ds = DeepSupervision(
+            model.initial_carry, batches, max_steps=args.max_sup_steps, seed=seed
+        )
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.last: dict[str, float] = {}
+        self.curve: list[list[float]] = []  # [step, exact, token] on held-out puzzles, raw weights
+
+    def step(self, step: int, args: argparse.Namespace) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(step, args)
+        t0 = time.perf_counter()
+        inputs, labels, y, z = self.ds.next()
+        logits, q, y, z = self.module(inputs, y, z)
+        loss, metrics = trm_loss(logits, labels, q)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ds.update(y, z, q)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.times.append(time.perf_counter() - t0)
+        self.losses.append(metrics["loss"])
+        self.last = metrics
+
+
+def _memory(module: torch.nn.Module, model: TRM, inputs, labels) -> dict[str, int]:
+    y, z = model.initial_carry(inputs.shape[0])
+    mem = laser_fx.measure_activation_memory(
+        module, (inputs, y, z), lambda out: trm_loss(out[0], labels, out[1])[0]
+    )
+    model.zero_grad(set_to_none=True)  # the measurement's backward wrote .grad
+    return {"activation_bytes": mem.after_forward, "peak_bytes": mem.peak}
+
+
+def _evaluate(arm: _Arm, test, args) -> dict[str, Any]:
+    raw = evaluate(arm.model, test[0], test[1], steps=args.max_sup_steps)
+    out: dict[str, Any] = {"raw": raw}
+    if arm.ema is not None:
+        with arm.ema.apply_to(arm.model):
+            out["ema"] = evaluate(arm.model, test[0], test[1], steps=args.max_sup_steps)
+    return out
+
+
+def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
+    cfg = TRMConfig(
+        vocab_size=vocab_size(args.task, args.size), seq_len=seq_len(args.task, args.size),
+        hidden_size=args.d, num_heads=args.heads, n=args.n, T=args.T, mixer=args.mixer,
+    )
+    torch.manual_seed(seed)
+    base = TRM(cfg)
+    arms = [("baseline", base, base)]
+    probe_x, probe_y = data[0][: args.batch], data[1][: args.batch]
+    cmodel = None
+    if args.laser:
+        twin = TRM(cfg)
+        twin.load_state_dict(base.state_dict())  # same initial weights: a paired comparison
+        y0, z0 = twin.initial_carry(args.batch)
+        cmodel = laser_fx.compress(twin, config=_laser_config(args), example_inputs=(probe_x, y0, z0))
+        arms.append(("laser", twin, cmodel))
+    start_memory = {name: _memory(module, model, probe_x, probe_y) for name, model, module in arms}
+    runners = [_Arm(name, model, module, args, seed, data) for name, model, module in arms]
+    bar = tqdm(range(args.steps), desc=f"seed {seed}", disable=not args.progress, file=sys.stderr)
+    t_start = time.perf_counter()
+    for step in bar:
+        order = runners if step % 2 == 0 else runners[::-1]  # alternate who goes first
+        for arm in order:
+            arm.step(step, args)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            for arm in runners:
+                acc = evaluate(arm.model, test[0], test[1], steps=args.max_sup_steps)
+                arm.curve.append([step + 1, acc["exact_acc"], acc["token_acc"]])
+        bar.set_postfix({
+            f"{a.name[:4]}": f"loss {a.last['loss']:.3f} acc {a.last['token_acc']:.2f}/"
+            f"{a.last['exact_acc']:.2f}" for a in runners
+        })
+    train_s = time.perf_counter() - t_start
+    # measured again after training: LASER's ranks follow the trained activations' spectra
+    memory = {a.name: _memory(a.module, a.model, probe_x, probe_y) for a in runners}
+    result: dict[str, Any] = {"seed": seed, "train_seconds": train_s, "arms": {}}
+    for arm in runners:
+        times = arm.times[_SKIP_TIMING:] or arm.times
+        k = max(len(arm.losses) // 10, 1)
+        result["arms"][arm.name] = {
+            **memory[arm.name],
+            "activation_bytes_at_init": start_memory[arm.name]["activation_bytes"],
+            "step_time_median_s": statistics.median(times),
+            "loss_first": statistics.fmean(arm.losses[:k]),
+            "loss_last": statistics.fmean(arm.losses[-k:]),
+            "eval": _evaluate(arm, test, args),
+        }
+        final = result["arms"][arm.name]["eval"]["raw"]
+        result["arms"][arm.name]["curve"] = [*arm.curve,
+                                             [args.steps, final["exact_acc"], final["token_acc"]]]
+    if cmodel is not None:
+        report = laser_fx.report(cmodel)
+        result["laser_report"] = report.to_dict()
+        log(f"LASER per-site report (seed {seed}):\n{report}\n")
+        b, c = result["arms"]["baseline"], result["arms"]["laser"]
+        result["memory_ratio"] = c["activation_bytes"] / max(b["activation_bytes"], 1)
+        result["step_time_ratio"] = c["step_time_median_s"] / b["step_time_median_s"]
+    return result
+
+
+def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
+    """Train every seed (both arms unless ``args.laser`` is False) and return the results.
+
+    Args:
+        args: parsed options (`build_parser`); missing attributes take the parser defaults,
+            and ``quick=True`` overrides them with `QUICK`.
+        log: where the per-site report and summaries go (``print``; ``lambda s: None`` mutes).
+
+    Returns:
+        {"config": options, "eval_weights": ..., "runs": [per-seed results]}: per arm,
+        activation and peak bytes of one step on the same batch after training (and the
+        activation bytes before it), median step time,
+        first/last loss (mean of the first/last tenth of the steps), and held-out exact and token accuracy with raw and EMA weights.
+    """
+    defaults = vars(build_parser().parse_args([]))
+    opts = {**defaults, **(vars(args) if args is not None else {})}
+    if opts["quick"]:
+        opts.update(QUICK)
+    args = argparse.Namespace(**opts)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    data = make_dataset(args.task, args.size, args.n_train, args.data_seed, difficulty=args.difficulty)
+    test = make_dataset(
+        args.task, args.size, args.n_test, args.data_seed + 10_000, difficulty=args.difficulty
+    )
+    data_s = time.perf_counter() - t0
+    runs = [_train_seed(seed, args, data, test, log) for seed in args.seeds]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
+    return {
+        "config": config,
+        "eval_weights": "raw weights (primary) and EMA weights, both reported",
+        "data_seconds": data_s,
+        "torch": torch.__version__,
+        "runs": runs,
+    }
+
+
+def _fmt_mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """A readable summary of `run`'s result (one block per seed)."""
+    c = result["config"]
+    lines = [
+        f"TRM {c['task']} {c['size']}x{c['size']}, mixer {c['mixer']}, D={c['d']}, n={c['n']},"
+        f" T={c['T']}, ACT max {c['max_sup_steps']}, batch {c['batch']}, {c['steps']} steps,"
+        f" {c['n_test']} held-out puzzles (accuracy: exact / token)",
+    ]
+    for r in result["runs"]:
+        lines.append(f"seed {r['seed']}:")
+        lines.append(f"  {'arm':<9} {'act. memory':>12} {'peak':>11} {'step':>8}"
+                     f" {'raw exact/token':>16} {'EMA exact/token':>16}")
+        for name, a in r["arms"].items():
+            ev = a["eval"]
+            ema = ev.get("ema")
+            lines.append(
+                f"  {name:<9} {_fmt_mib(a['activation_bytes']):>12} {_fmt_mib(a['peak_bytes']):>11}"
+                f" {a['step_time_median_s'] * 1e3:>6.0f}ms"
+                f" {ev['raw']['exact_acc']:>8.1%}/{ev['raw']['token_acc']:.1%}"
+                + (f" {ema['exact_acc']:>8.1%}/{ema['token_acc']:.1%}" if ema else "")
+            )
+        if "memory_ratio" in r:
+            lines.append(
+                f"  LASER/baseline: activation memory {r['memory_ratio']:.2f}x"
+                f" ({1 - r['memory_ratio']:.0%} saved), step time {r['step_time_ratio']:.2f}x"
+                " (medians, steps interleaved)"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: train, print the summary, write `--out`."""
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(summarize(result))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0 if all(math.isfinite(a["loss_last"]) for r in result["runs"]
+                    for a in r["arms"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

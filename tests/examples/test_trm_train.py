@@ -1,0 +1,130 @@
+"""Tests for examples/trm/train.py and experiment.py: runs, JSON fields, statistics, resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import laser_fx
+from examples.trm import experiment, train
+from examples.trm.model import TRM, TRMConfig
+
+TINY = {
+    "task": "sudoku", "size": 4, "mixer": "mlp_t", "d": 16, "heads": 2, "n": 2, "T": 2,
+    "batch": 8, "max_sup_steps": 2, "steps": 4, "n_train": 32, "n_test": 16, "warmup": 1,
+}
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    return argparse.Namespace(**{**TINY, "progress": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def both_arms() -> dict:
+    return train.run(_args(seeds=[0]), log=lambda s: None)
+
+
+def test_run_with_laser_returns_both_arms(both_arms: dict) -> None:
+    (r,) = both_arms["runs"]
+    assert set(r["arms"]) == {"baseline", "laser"}
+    for a in r["arms"].values():
+        assert a["activation_bytes"] > 0 and a["peak_bytes"] >= a["activation_bytes"]
+        assert a["step_time_median_s"] > 0 and math.isfinite(a["loss_last"])
+        for weights in ("raw", "ema"):
+            assert 0.0 <= a["eval"][weights]["exact_acc"] <= a["eval"][weights]["token_acc"] <= 1.0
+    assert 0 < r["memory_ratio"] < 1, "LASER must store less than the baseline"
+    assert r["step_time_ratio"] > 0
+    assert r["laser_report"]["sites"], "the per-site report names the compressed sites"
+    json.dumps(both_arms)  # the whole result is JSON-ready
+    assert "LASER/baseline" in train.summarize(both_arms)
+
+
+def test_run_without_laser_trains_only_the_baseline() -> None:
+    out = train.run(_args(seeds=[1], laser=False, steps=2), log=lambda s: None)
+    (r,) = out["runs"]
+    assert set(r["arms"]) == {"baseline"} and "memory_ratio" not in r
+
+
+def test_compressed_forward_equals_uncompressed() -> None:
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=6, seq_len=16, hidden_size=16, num_heads=2, n=2, T=2,
+                          mixer="mlp_t"))
+    tokens = torch.randint(1, 6, (8, 16), generator=torch.Generator().manual_seed(3))
+    y, z = model.initial_carry(8)
+    cmodel = laser_fx.compress(model, example_inputs=(tokens, y, z))
+    for got, want in zip(cmodel(tokens, y, z), model(tokens, y, z), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_tiny_training_reduces_the_loss() -> None:
+    out = train.run(_args(seeds=[0], laser=False, steps=40, lr=3e-3, ema_decay=0.0),
+                    log=lambda s: None)
+    a = out["runs"][0]["arms"]["baseline"]
+    assert a["loss_last"] < a["loss_first"] - 0.05
+    assert "ema" not in a["eval"]
+
+
+# ------------------------------------------------------------------------------ statistics
+T_CASES = [  # (t, df, two-sided p) from standard t tables / the normal limit
+    pytest.param(2.2281388519649385, 10, 0.05, id="t-table-df10-p05"),
+    pytest.param(2.570581835636314, 5, 0.05, id="t-table-df5-p05"),
+    pytest.param(4.302652729749464, 2, 0.05, id="t-table-df2-p05"),
+    pytest.param(3.169272667175838, 10, 0.01, id="t-table-df10-p01"),
+    pytest.param(1.959963984540054, 1e8, 0.05, id="normal-limit"),
+    pytest.param(0.0, 7, 1.0, id="zero"),
+]
+
+
+@pytest.mark.parametrize(("t", "df", "p"), T_CASES)
+def test_student_t_matches_tables(t: float, df: float, p: float) -> None:
+    assert 2 * experiment.student_t_sf(t, df) == pytest.approx(p, rel=1e-6)
+
+
+@given(st.floats(-50, 50))
+def test_student_t_closed_forms_df1_df2(t: float) -> None:
+    assert experiment.student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
+    assert experiment.student_t_sf(t, 2) == pytest.approx(
+        0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+
+
+@given(st.floats(0.1, 20), st.floats(0.0, 1.0))
+def test_betainc_identities(a: float, x: float) -> None:
+    assert experiment.betainc(a, 1.0, x) == pytest.approx(x**a, abs=1e-12)
+    assert experiment.betainc(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, abs=1e-12)
+    assert experiment.betainc(a, a, 0.5) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_welch_t_test_known_example() -> None:
+    # mean 3 vs 6, variances 2.5 and 10 (n=5 each): t = -3/sqrt(2.5), df = 6.25 / 1.0625
+    t, df, p = experiment.welch_t_test([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert t == pytest.approx(-3 / math.sqrt(2.5)) and df == pytest.approx(6.25 / 1.0625)
+    assert p == pytest.approx(2 * experiment.student_t_sf(abs(t), df))
+    assert 0.10 < p < 0.115  # R: t.test(1:5, 2*(1:5)) gives p-value = 0.1076
+    assert experiment.welch_t_test([1, 1], [1, 1])[2] == 1.0
+    assert experiment.welch_t_test([1, 1], [2, 2])[2] == 0.0
+
+
+# -------------------------------------------------------------------------------- resume
+def test_experiment_resumes_and_marks_partial(tmp_path) -> None:
+    tasks = {"tiny": {**TINY, "steps": 2, "n_test": 8}}
+    quiet = {"jobs": 0, "log": lambda s: None}
+    first = experiment.run_experiment(tmp_path, tasks, [0], **quiet)
+    assert (first["ran"], first["skipped"]) == (1, 0)
+    again = experiment.run_experiment(tmp_path, tasks, [0], **quiet)
+    assert (again["ran"], again["skipped"]) == (0, 1)
+    assert len(experiment.load_runs(tmp_path / "trm_runs.jsonl")) == 1
+    report = (tmp_path / "trm.md").read_text()
+    assert "PARTIAL" not in report and "| laser | 1 |" in report
+    assert (tmp_path / "trm_accuracy_memory.png").stat().st_size > 0
+    jsonl = tmp_path / "trm_runs.jsonl"
+    jsonl.write_text(jsonl.read_text() * 2 + '{"torn line')  # a duplicate and a killed write
+    experiment.write_report(tmp_path, tasks, [0])
+    assert "| laser | 1 |" in (tmp_path / "trm.md").read_text(), "a duplicate counts once"
+    experiment.write_report(tmp_path, tasks, [0, 1])
+    assert "PARTIAL: 1 of 2 runs" in (tmp_path / "trm.md").read_text()
