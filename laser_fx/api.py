@@ -175,7 +175,7 @@ class Report:
         for s in self.sites:
             fid = "-" if s["fidelity"] is None else f"{s['fidelity']:.4f}"
             rows.append((s["name"], s["mechanism"], str(s["uses"]), str(s["grad_uses"]),
-                         str(s["width"]), str(s["rank"]), fid, str(s["resets"]),
+                         "/".join(map(str, s.get("widths") or [s["width"]])), str(s["rank"]), fid, str(s["resets"]),
                          _fmt_bytes(s["stored_bytes"]), _fmt_bytes(s["dense_bytes"])))
         t = self.totals()
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}x"
@@ -217,6 +217,7 @@ def _site_row(module: LinearSite | BlockSite) -> dict[str, Any]:
         "uses": site.num_uses,
         "grad_uses": site.grad_uses,
         "width": site.width,
+        "widths": list(site.widths) or [site.width],
         "rank": max((s["rank"] for s in stats), default=0),
         "ranks": [s["rank"] for s in stats],
         "fidelity": min((s["last_fidelity"] for s in stats), default=None),
