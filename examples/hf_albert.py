@@ -23,20 +23,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AlbertConfig, AlbertForSequenceClassification
 
-import laser_fx
-
 if __package__ in (None, ""):  # run as a file: make the `examples` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.hf_common import (  # noqa: E402
     Batch,
     Summary,
-    activation_memory,
     add_common_args,
-    build_arms,
-    evaluate,
-    print_summary,
+    compare,
     torch_threads,
-    train_interleaved,
 )
 
 __all__ = ["TOKEN_A", "TOKEN_B", "albert_config", "loss_fn", "main", "make_batch", "make_model"]
@@ -140,28 +134,8 @@ def _run(a: argparse.Namespace) -> Summary:
     print(f"ALBERT: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers sharing "
           f"{cfg.num_hidden_groups} group, {cfg.num_attention_heads} heads, FFN "
           f"{cfg.intermediate_size}, vocab {vocab}; batch {a.batch}, padded length {a.seq}")
-    print("\nWeight-shared sites (laser_fx.find_sites):")
-    sites = laser_fx.find_sites(model, (), example.inputs)
-    for site in sites:
-        print(f"  {site}")
-
-    config = laser_fx.LaserConfig(mode=a.mode)
-    baseline, source, cmodel = build_arms(lambda: model, example, config)
-    print(f"\ncaptured with: {cmodel._laser_fx_trace['method']}; LASER mode: {a.mode}")
-    arms = {"baseline": (baseline, baseline), "laser": (cmodel, source)}
-    record = train_interleaved(arms, _batches(gen, a.batch, a.seq, vocab), loss_fn,
-                               steps=a.steps, lr=a.lr, desc="ALBERT majority")
-    print(f"final training loss: baseline {record.losses['baseline'][-1]:.4f}, "
-          f"LASER {record.losses['laser'][-1]:.4f}")
-    base_mem = activation_memory(baseline, example, loss_fn)
-    laser_mem = activation_memory(cmodel, example, loss_fn)
-    scores = {"baseline": evaluate(baseline, held_out, loss_fn),
-              "LASER": evaluate(cmodel, held_out, loss_fn)}
-    print("\nLASER report:")
-    print(laser_fx.report(cmodel))
-    ratio, slowdown = print_summary(base_mem=base_mem, laser_mem=laser_mem, comparison=record,
-                                    held_out=scores, metric=f"{len(held_out) * 64} sequences")
-    return Summary(ratio, slowdown, scores, sites, cmodel._laser_fx_trace["method"])
+    return compare(model, example, held_out, _batches(gen, a.batch, a.seq, vocab), loss_fn, a,
+                   desc="ALBERT majority", metric=f"{len(held_out) * 64} sequences")
 
 
 if __name__ == "__main__":

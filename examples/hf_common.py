@@ -240,3 +240,38 @@ def print_summary(
     for arm, (loss, acc) in held_out.items():
         print(f"  {arm:<9}: loss {loss:.4f}  accuracy {acc:.4f}")
     return ratio, t_laser / t_base
+
+
+def compare(
+    model: nn.Module,
+    example: Batch,
+    held_out: list[Batch],
+    batches: Iterator[Batch],
+    loss_fn: LossFn,
+    a: argparse.Namespace,
+    *,
+    desc: str,
+    metric: str,
+) -> Summary:
+    """Print the sites, train baseline and LASER interleaved, and print the comparison."""
+    print("\nWeight-shared sites (laser_fx.find_sites):")
+    sites = laser_fx.find_sites(model, (), example.inputs)
+    for site in sites:
+        print(f"  {site}")
+    config = laser_fx.LaserConfig(mode=a.mode)
+    baseline, source, cmodel = build_arms(lambda: model, example, config)
+    method = cmodel._laser_fx_trace["method"]
+    print(f"\ncaptured with: {method}; LASER mode: {a.mode}")
+    arms = {"baseline": (baseline, baseline), "laser": (cmodel, source)}
+    record = train_interleaved(arms, batches, loss_fn, steps=a.steps, lr=a.lr, desc=desc)
+    print(f"final training loss: baseline {record.losses['baseline'][-1]:.4f}, "
+          f"LASER {record.losses['laser'][-1]:.4f}")
+    base_mem = activation_memory(baseline, example, loss_fn)
+    laser_mem = activation_memory(cmodel, example, loss_fn)
+    scores = {"baseline": evaluate(baseline, held_out, loss_fn),
+              "LASER": evaluate(cmodel, held_out, loss_fn)}
+    print("\nLASER report:")
+    print(laser_fx.report(cmodel))
+    ratio, slowdown = print_summary(base_mem=base_mem, laser_mem=laser_mem, comparison=record,
+                                    held_out=scores, metric=metric)
+    return Summary(ratio, slowdown, scores, sites, method)

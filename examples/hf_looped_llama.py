@@ -32,20 +32,14 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-import laser_fx
-
 if __package__ in (None, ""):  # run as a file: make the `examples` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.hf_common import (  # noqa: E402
     Batch,
     Summary,
-    activation_memory,
     add_common_args,
-    build_arms,
-    evaluate,
-    print_summary,
+    compare,
     torch_threads,
-    train_interleaved,
 )
 
 __all__ = ["IGNORE", "SEP", "LoopedLlama", "llama_config", "loss_fn", "main", "make_batch"]
@@ -159,28 +153,8 @@ def _run(a: argparse.Namespace) -> Summary:
     print(f"Looped Llama: one decoder layer x {a.loops} loops, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads, SwiGLU {cfg.intermediate_size}, vocab {a.vocab}; "
           f"batch {a.batch}, sequence {2 * a.length + 1}")
-    print("\nWeight-shared sites (laser_fx.find_sites):")
-    sites = laser_fx.find_sites(model, (), example.inputs)
-    for site in sites:
-        print(f"  {site}")
-
-    config = laser_fx.LaserConfig(mode=a.mode)
-    baseline, source, cmodel = build_arms(lambda: model, example, config)
-    print(f"\ncaptured with: {cmodel._laser_fx_trace['method']}; LASER mode: {a.mode}")
-    arms = {"baseline": (baseline, baseline), "laser": (cmodel, source)}
-    record = train_interleaved(arms, _batches(gen, a.batch, a.length, a.vocab), loss_fn,
-                               steps=a.steps, lr=a.lr, desc="looped Llama copy")
-    print(f"final training loss: baseline {record.losses['baseline'][-1]:.4f}, "
-          f"LASER {record.losses['laser'][-1]:.4f}")
-    base_mem = activation_memory(baseline, example, loss_fn)
-    laser_mem = activation_memory(cmodel, example, loss_fn)
-    scores = {"baseline": evaluate(baseline, held_out, loss_fn),
-              "LASER": evaluate(cmodel, held_out, loss_fn)}
-    print("\nLASER report:")
-    print(laser_fx.report(cmodel))
-    ratio, slowdown = print_summary(base_mem=base_mem, laser_mem=laser_mem, comparison=record,
-                                    held_out=scores, metric=f"copied tokens of {len(held_out) * 64} strings")
-    return Summary(ratio, slowdown, scores, sites, cmodel._laser_fx_trace["method"])
+    return compare(model, example, held_out, _batches(gen, a.batch, a.length, a.vocab), loss_fn, a,
+                   desc="looped Llama copy", metric=f"copied tokens of {len(held_out) * 64} strings")
 
 
 if __name__ == "__main__":
