@@ -31,6 +31,11 @@ _RESET_ITERS = 2
 #: CPU problems up to this many elements run their factorizations on one thread (see below).
 _SMALL_CPU = 1 << 18
 _SEED = 0x1A5E2
+#: in energy mode, coefficients above this fraction of the dense bytes are not worth the
+#: tracking: store dense and skip the next `_BACKOFF` calls (high-rank activations, e.g. at
+#: random init, would otherwise pay a basis update on every call for a small saving)
+_INCOMPRESSIBLE = 0.75
+_BACKOFF = 8
 _COUNTERS = ("calls", "resets", "power_updates", "shrinks", "nonfinite", "dense_stores")
 
 
@@ -164,6 +169,8 @@ class SubspaceTracker(nn.Module):
         self.register_buffer("min_fidelity", torch.ones(()))
         # captured energy right after the last reset (the fixed-rank trigger is relative to it)
         self.register_buffer("reset_fidelity", torch.ones(()))
+        # calls left to store dense without trying (after an incompressible activation)
+        self.register_buffer("backoff", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
@@ -218,6 +225,9 @@ class SubspaceTracker(nn.Module):
         x = x.detach()
         self.dense_bytes.add_(x.numel() * x.element_size())
         if x.numel() < self.config.min_numel:
+            return self._store_dense(x)
+        if int(self.backoff) > 0:
+            self.backoff.sub_(1)
             return self._store_dense(x)
         xm = x.reshape(-1, self.width).float()
         total = float(torch.linalg.vector_norm(xm).square())
@@ -362,6 +372,12 @@ class SubspaceTracker(nn.Module):
         item = torch.empty((), dtype=store).element_size()
         # coefficients not smaller than x: keep x itself, exactly
         dense = self.basis.shape[1] * item >= self.width * x.element_size()
+        if self.config.rank is None:  # energy mode: back off from incompressible activations
+            dense = self.basis.shape[1] * item > _INCOMPRESSIBLE * self.width * x.element_size()
+            if dense:  # forget the basis too: the next try starts cold (a fresh reset)
+                self.backoff.fill_(_BACKOFF)
+                self.basis = self.basis.new_zeros(self.width, 0)
+                self.rank.zero_()
         fid = 1.0 if dense else fid
         self.last_fidelity.fill_(fid)
         self.min_fidelity.clamp_(max=fid)
