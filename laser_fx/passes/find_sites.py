@@ -156,14 +156,14 @@ def _param_of(root: GraphModule, arg: object, binding: dict[Node, Node]) -> str 
     return None
 
 
-def _classify(root: GraphModule, node: Node, binding) -> tuple[str, str, int, object] | None:
-    """``(param, kind, width, activation arg)`` when ``node`` applies a parameter, else None."""
+def _classify(root: GraphModule, node: Node, binding) -> tuple[str, str, int] | None:
+    """``(param, kind, width)`` when ``node`` applies a parameter, else None."""
     if node.op == "call_module":
         mod = root.get_submodule(node.target)
         if isinstance(mod, nn.Linear):
-            return f"{node.target}.weight", "linear", mod.in_features, node.args[0]
+            return f"{node.target}.weight", "linear", mod.in_features
         if isinstance(mod, nn.modules.conv._ConvNd):
-            return f"{node.target}.weight", "conv", mod.in_channels, node.args[0]
+            return f"{node.target}.weight", "conv", mod.in_channels
         return None
     if node.op not in ("call_function", "call_method") or len(node.args) < 2:
         return None
@@ -174,15 +174,15 @@ def _classify(root: GraphModule, node: Node, binding) -> tuple[str, str, int, ob
             return None
         w = root.get_parameter(param)
         if target in _LINEAR:
-            return param, "linear", w.shape[1], node.args[0]
+            return param, "linear", w.shape[1]
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        return param, "conv", w.shape[1] * int(groups), node.args[0]
+        return param, "conv", w.shape[1] * int(groups)
     if target in _MATMUL or (node.op == "call_method" and target == "matmul"):
         # Only X @ W stores X along the parameter's input width; W @ X is left alone.
         param = _param_of(root, node.args[1], binding)
         if param is None:
             return None
-        return param, "matmul", root.get_parameter(param).shape[0], node.args[0]
+        return param, "matmul", root.get_parameter(param).shape[0]
     return None
 
 
@@ -238,7 +238,7 @@ def find_sites_pass(gm: GraphModule) -> PassResult:
         hit = _classify(gm, node, binding)
         if hit is None:
             continue
-        param, kind, width, _ = hit
+        param, kind, width = hit
         stack = meta.get("module_stack", ())
         # Group by (parameter, applying module): a matrix tied between two different modules
         # (embedding and lm_head) is two single-use groups, not a recursion.
