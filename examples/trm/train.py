@@ -17,8 +17,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import platform
 import statistics
 import sys
 import time
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--heads", type=int, default=4)
     a("--mixer", choices=("attn", "mlp_t"), default="mlp_t")
     a("--steps", type=int, default=300, help="optimizer steps per arm")
+    a("--max-seconds", type=float, default=0.0,
+      help="stop training (both arms) after this many seconds of it (0: run all --steps)")
     a("--batch", type=int, default=64)
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=0.1)
@@ -79,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fidelity", type=float, default=None, help="LaserConfig.fidelity")
     a("--mode", choices=("auto", "linear", "region", "checkpoint"), default=None)
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
+    a("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
+    a("--data-cache", type=Path, default=None,
+      help="load the generated puzzles from this file, or generate and save them there")
+    a("--save-models", type=Path, default=None,
+      help="save each arm's trained weights (and EMA) to DIR/<task><size>_seed<k>_<arm>.pt")
     a("--out", type=Path, default=None, help="write the results JSON here")
     a("--quick", action="store_true", help="the demo: small Sudoku, both arms, ~2-4 min")
     a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
@@ -115,6 +124,7 @@ class _Arm:
     def step(self, step: int, args: argparse.Namespace) -> None:
         for group in self.opt.param_groups:
             group["lr"] = _lr_at(step, args)
+        _sync(args.device)
         t0 = time.perf_counter()
         inputs, labels, y, z = self.ds.next()
         logits, q, y, z = self.module(inputs, y, z)
@@ -127,9 +137,16 @@ class _Arm:
         self.ds.update(y, z, q)
         if self.ema is not None:
             self.ema.update(self.model)
+        _sync(args.device)
         self.times.append(time.perf_counter() - t0)
         self.losses.append(metrics["loss"])
         self.last = metrics
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock step times are the work's own."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _memory(module: torch.nn.Module, model: TRM, inputs, labels) -> dict[str, int]:
@@ -139,6 +156,39 @@ def _memory(module: torch.nn.Module, model: TRM, inputs, labels) -> dict[str, in
     )
     model.zero_grad(set_to_none=True)  # the measurement's backward wrote .grad
     return {"activation_bytes": mem.after_forward, "peak_bytes": mem.peak}
+
+
+def _save_model(arm: _Arm, cfg: TRMConfig, args, seed: int) -> Path:
+    """Write the arm's trained weights, EMA weights and model config (loadable on CPU)."""
+    path = args.save_models / f"{args.task}{args.size}_seed{seed}_{arm.name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().cpu() for k, v in arm.model.state_dict().items()}
+    ema = {k: v.cpu() for k, v in arm.ema.shadow.items()} if arm.ema is not None else None
+    torch.save({"config": dataclasses.asdict(cfg), "state_dict": cpu, "ema": ema}, path)
+    return path
+
+
+def _datasets(args: argparse.Namespace):
+    """Training and held-out puzzles: generated from the seeds, or read from `--data-cache`."""
+    key = {k: getattr(args, k) for k in ("task", "size", "n_train", "n_test", "data_seed",
+                                          "difficulty")}
+    cache = args.data_cache
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] != key:
+            raise SystemExit(
+                f"--data-cache {cache} holds puzzles for {saved['key']}, not {key}:"
+                " pass another file (or delete it to regenerate)."
+            )
+        return saved["train"], saved["test"]
+    data = make_dataset(args.task, args.size, args.n_train, args.data_seed, difficulty=args.difficulty)
+    test = make_dataset(
+        args.task, args.size, args.n_test, args.data_seed + 10_000, difficulty=args.difficulty
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "train": data, "test": test}, cache)
+    return data, test
 
 
 def _evaluate(arm: _Arm, test, args) -> dict[str, Any]:
@@ -156,12 +206,12 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
         hidden_size=args.d, num_heads=args.heads, n=args.n, T=args.T, mixer=args.mixer,
     )
     torch.manual_seed(seed)
-    base = TRM(cfg)
+    base = TRM(cfg).to(args.device)
     arms = [("baseline", base, base)]
     probe_x, probe_y = data[0][: args.batch], data[1][: args.batch]
     cmodel = None
     if args.laser:
-        twin = TRM(cfg)
+        twin = TRM(cfg).to(args.device)
         twin.load_state_dict(base.state_dict())  # same initial weights: a paired comparison
         y0, z0 = twin.initial_carry(args.batch)
         cmodel = laser_fx.compress(twin, config=_laser_config(args), example_inputs=(probe_x, y0, z0))
@@ -170,6 +220,7 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
     runners = [_Arm(name, model, module, args, seed, data) for name, model, module in arms]
     bar = tqdm(range(args.steps), desc=f"seed {seed}", disable=not args.progress, file=sys.stderr)
     t_start = time.perf_counter()
+    steps_done = 0
     for step in bar:
         order = runners if step % 2 == 0 else runners[::-1]  # alternate who goes first
         for arm in order:
@@ -182,10 +233,17 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
             f"{a.name[:4]}": f"loss {a.last['loss']:.3f} acc {a.last['token_acc']:.2f}/"
             f"{a.last['exact_acc']:.2f}" for a in runners
         })
+        steps_done = step + 1
+        if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
+            break
     train_s = time.perf_counter() - t_start
+    if args.save_models is not None:
+        for arm in runners:
+            _save_model(arm, cfg, args, seed)
     # measured again after training: LASER's ranks follow the trained activations' spectra
     memory = {a.name: _memory(a.module, a.model, probe_x, probe_y) for a in runners}
-    result: dict[str, Any] = {"seed": seed, "train_seconds": train_s, "arms": {}}
+    result: dict[str, Any] = {"seed": seed, "train_seconds": train_s, "steps_done": steps_done,
+                              "arms": {}}
     for arm in runners:
         times = arm.times[_SKIP_TIMING:] or arm.times
         k = max(len(arm.losses) // 10, 1)
@@ -199,7 +257,7 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
         }
         final = result["arms"][arm.name]["eval"]["raw"]
         result["arms"][arm.name]["curve"] = [*arm.curve,
-                                             [args.steps, final["exact_acc"], final["token_acc"]]]
+                                             [steps_done, final["exact_acc"], final["token_acc"]]]
     if cmodel is not None:
         report = laser_fx.report(cmodel)
         result["laser_report"] = report.to_dict()
@@ -231,11 +289,10 @@ def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
     args = argparse.Namespace(**opts)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = make_dataset(args.task, args.size, args.n_train, args.data_seed, difficulty=args.difficulty)
-    test = make_dataset(
-        args.task, args.size, args.n_test, args.data_seed + 10_000, difficulty=args.difficulty
-    )
+    data, test = _datasets(args)
     data_s = time.perf_counter() - t0
+    data = tuple(t.to(args.device) for t in data)
+    test = tuple(t.to(args.device) for t in test)
     runs = [_train_seed(seed, args, data, test, log) for seed in args.seeds]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
     return {
@@ -243,6 +300,9 @@ def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
         "eval_weights": "raw weights (primary) and EMA weights, both reported",
         "data_seconds": data_s,
         "torch": torch.__version__,
+        "device_name": (torch.cuda.get_device_name(args.device)
+                        if torch.device(args.device).type == "cuda" else platform.processor()
+                        or platform.machine()),
         "runs": runs,
     }
 
@@ -260,7 +320,7 @@ def summarize(result: dict[str, Any]) -> str:
         f" {c['n_test']} held-out puzzles (accuracy: exact / token)",
     ]
     for r in result["runs"]:
-        lines.append(f"seed {r['seed']}:")
+        lines.append(f"seed {r['seed']}: {r['steps_done']} steps in {r['train_seconds']:.0f} s")
         lines.append(f"  {'arm':<9} {'act. memory':>12} {'peak':>11} {'step':>8}"
                      f" {'raw exact/token':>16} {'EMA exact/token':>16}")
         for name, a in r["arms"].items():
