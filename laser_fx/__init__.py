@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+from .analysis import Analysis, analyze
 from .api import Report, compress, is_compressed, report, strip
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError, TraceError
@@ -20,6 +21,7 @@ from .tracker import Packed, SubspaceTracker
 
 __all__ = [
     "ActivationMemory",
+    "Analysis",
     "ConfigError",
     "LaserConfig",
     "LaserFxError",
@@ -30,6 +32,7 @@ __all__ = [
     "SubspaceTracker",
     "TraceError",
     "Use",
+    "analyze",
     "annotate",
     "compress",
     "find_sites",
