@@ -33,9 +33,12 @@ _SMALL_CPU = 1 << 18
 _SEED = 0x1A5E2
 #: in energy mode, coefficients above this fraction of the dense bytes are not worth the
 #: tracking: store dense and skip the next `_BACKOFF` calls (high-rank activations, e.g. at
-#: random init, would otherwise pay a basis update on every call for a small saving)
+#: random init, would otherwise pay a basis update on every call for a small saving). Each
+#: further incompressible try in a row doubles the skip, up to `_BACKOFF_MAX` calls, so a
+#: site that stays high-rank costs a reset every few hundred calls, not every eighth.
 _INCOMPRESSIBLE = 0.75
 _BACKOFF = 8
+_BACKOFF_MAX = 256
 _COUNTERS = ("calls", "resets", "power_updates", "shrinks", "nonfinite", "dense_stores")
 
 
@@ -171,6 +174,9 @@ class SubspaceTracker(nn.Module):
         self.register_buffer("reset_fidelity", torch.ones(()))
         # calls left to store dense without trying (after an incompressible activation)
         self.register_buffer("backoff", torch.zeros((), dtype=torch.int64))
+        # the next back-off's length (doubles while tries keep failing); not saved: a loaded
+        # tracker starts from the short back-off again
+        self.register_buffer("backoff_next", torch.tensor(_BACKOFF), persistent=False)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
@@ -300,9 +306,13 @@ class SubspaceTracker(nn.Module):
         q = _subspace_iteration(xm, start, self.config.power_iters)
         energies, basis, coeffs = _ritz(xm, q)
         keep = k
-        if self.config.rank is None:  # energy mode: also drop directions no longer needed
-            need = self._pick_from_prefix(energies[:k], total)
-            keep = min(k, need) if need is not None else k
+        if self.config.rank is None:
+            # energy mode: the rank follows the data both ways. The oversampled columns'
+            # energies are exact for the directions they span, so when the kept energy
+            # needs up to `oversample` more directions they are taken instead of a reset;
+            # directions no longer needed are dropped.
+            need = self._pick_from_prefix(energies, total)
+            keep = need if need is not None else k
         return basis[:, :keep], coeffs[:, :keep], float(energies[:keep].sum()) / total
 
     def _reset(self, xm: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
@@ -375,9 +385,12 @@ class SubspaceTracker(nn.Module):
         if self.config.rank is None:  # energy mode: back off from incompressible activations
             dense = self.basis.shape[1] * item > _INCOMPRESSIBLE * self.width * x.element_size()
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)
-                self.backoff.fill_(_BACKOFF)
+                self.backoff.copy_(self.backoff_next)
+                self.backoff_next.copy_((2 * self.backoff_next).clamp(max=_BACKOFF_MAX))
                 self.basis = self.basis.new_zeros(self.width, 0)
                 self.rank.zero_()
+            else:
+                self.backoff_next.fill_(_BACKOFF)
         fid = 1.0 if dense else fid
         self.last_fidelity.fill_(fid)
         self.min_fidelity.clamp_(max=fid)

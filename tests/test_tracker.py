@@ -340,9 +340,27 @@ def test_incompressible_activations_back_off_instead_of_updating_every_call():
         assert packed.is_dense and torch.equal(tracker.decompress(packed), x)
     assert int(tracker.resets) == 1, "the backed-off calls must not update the basis"
     assert int(tracker.backoff) == 0
-    tracker.compress(torch.randn(256, 32))  # the back-off is over: it tries (and backs off)
-    assert int(tracker.backoff) == _BACKOFF
+    tracker.compress(torch.randn(256, 32))  # the back-off is over: it tries, backs off longer
+    assert int(tracker.backoff) == 2 * _BACKOFF and int(tracker.resets) == 2
     low = torch.randn(256, 2) @ torch.randn(2, 32)  # and a compressible input compresses
-    for _ in range(_BACKOFF + 1):
+    for _ in range(2 * _BACKOFF + 1):
         packed = tracker.compress(low)
     assert not packed.is_dense
+    tracker.compress(torch.randn(256, 32))  # a success resets the back-off length
+    assert int(tracker.backoff) == _BACKOFF
+
+
+def test_backoff_doubles_up_to_its_cap_while_activations_stay_incompressible():
+    from laser_fx.tracker import _BACKOFF, _BACKOFF_MAX
+
+    torch.manual_seed(0)
+    tracker = SubspaceTracker(16, cfg(energy=0.99))
+    lengths = []
+    for _ in range(2000):
+        tracker.compress(torch.randn(128, 16))
+        if int(tracker.resets) > len(lengths):
+            lengths.append(int(tracker.backoff))
+    expected = [min(_BACKOFF * 2**i, _BACKOFF_MAX) for i in range(len(lengths))]
+    assert lengths == expected and lengths[-1] == _BACKOFF_MAX
+    assert int(tracker.resets) < 2000 / _BACKOFF_MAX + 8  # not one reset every 8 calls
+    assert "backoff_next" not in tracker.state_dict()
