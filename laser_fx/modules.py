@@ -82,6 +82,8 @@ class BlockSite(_SiteBase):
         self._is_param: dict[int, list[bool]] = {}
         self.last_stats = StorageStats()
         self.include_2d = True
+        # follows `.to(...)` of the model: slots re-created on load go where the model is
+        self.register_buffer("device_anchor", torch.empty(0), persistent=False)
 
     def add_call(self, call_index: int, module: GraphModule, is_param: Sequence[bool]) -> None:
         self._calls[call_index] = module
@@ -143,7 +145,8 @@ class BlockSite(_SiteBase):
             if key.startswith(head) and key.endswith(".basis"):
                 slot = key[len(head):].split(".")[0]
                 if slot not in self.slots:
-                    self.slots[slot] = SubspaceTracker(int(value.shape[0]), self.config)
+                    self.slots[slot] = SubspaceTracker(int(value.shape[0]), self.config).to(
+                        self.device_anchor.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing, unexpected, errors
         )

@@ -49,6 +49,10 @@ def insert_compression(gm: GraphModule, plan: Plan) -> PassResult:
             plan.skipped[name] = "no grad-enabled use in the top-level graph"
     for name in plan.skipped:
         plan.chosen.pop(name, None)
+    device = next((t.device for t in (*gm.parameters(), *gm.buffers()) if t.device.type != "meta"),
+                  None)
+    if device is not None:  # trackers live where the model does (a model on a GPU, say)
+        state.to(device)
     for n in list(gm.graph.nodes):  # get_attr nodes whose only users were outlined
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
