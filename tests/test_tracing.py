@@ -332,7 +332,7 @@ def test_property_trm_annotations_count_recursion(n, T, mixer):
 
 
 @settings(deadline=None)
-@given(st.integers(0, 2**16), st.floats(-9.0, -1.0))
+@given(st.integers(0, 2**16), st.floats(-9.0, -1.0).filter(lambda v: abs(v + 5) > 0.05))
 def test_property_capture_comparison_norm_relative(seed, log_rel):
     """Ulp-level accumulation noise on a large-magnitude tensor with near-zero entries passes
     (as on a GPU); an error of 1e-3 of the norm never does, nor do inf/nan moved elsewhere."""
@@ -344,7 +344,7 @@ def test_property_capture_comparison_norm_relative(seed, log_rel):
     noise = torch.randn(a.shape, generator=g, dtype=torch.float64)
     rel = 10.0**log_rel
     b = a + noise * (rel * a.norm() / noise.norm())
-    assert (_mismatch(a, b) is None) == (rel <= 1e-5 or torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    assert (_mismatch(a, b) is None) == (rel < 1e-5)  # (1e-5 itself is left out: rounding)
     assert _mismatch(a, a + noise * (1e-3 * a.norm() / noise.norm())) is not None
     c, d = a.clone(), a.clone()
     c[1, 1], d[2, 2] = float("inf"), float("inf")
