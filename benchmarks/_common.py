@@ -1,0 +1,337 @@
+"""Shared measurement helpers of the benchmarks: workloads, arms, interleaved timing, memory,
+gradient cosine and the share of step time spent in tracker work.
+
+A *workload* is a model, its positional inputs and a loss; an *arm* is one way of training it
+(uncompressed, exact `torch.utils.checkpoint` around every recursion step, or a LASER mode).
+Every arm of a workload is measured in the same process, its timed steps interleaved with the
+other arms' (order alternating per round), so machine load hits them alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import laser_fx
+from laser_fx.tracker import SubspaceTracker
+
+__all__ = [
+    "Arm",
+    "TorchCheckpoint",
+    "Workload",
+    "albert_workload",
+    "build_arms",
+    "machine",
+    "measure_arms",
+    "sync",
+    "trm_workload",
+]
+
+#: LASER arms: label -> LaserConfig mode. "auto" (the default) is the compressed checkpoint of
+#: every shared-block call, i.e. LASER combined with checkpointing (only compressed inputs kept).
+LASER_MODES = {"LASER linear": "linear", "LASER region": "region",
+               "LASER auto (default) = LASER + checkpointing": "auto"}
+
+
+@dataclass
+class Workload:
+    """A model to benchmark.
+
+    Attributes:
+        name: label in tables.
+        model: the uncompressed model (its parameters are the reference).
+        inputs: positional inputs of ``call``.
+        call: ``call(module, *inputs) -> output`` (ALBERT takes keyword inputs).
+        loss_fn: ``(output, target) -> scalar loss``.
+        target: the loss's target tensor.
+        shared_path: attribute path of the shared block that `TorchCheckpoint` wraps.
+        compress_kwargs: ``example_inputs`` / ``example_kwargs`` for `laser_fx.compress`.
+    """
+
+    name: str
+    model: nn.Module
+    inputs: tuple
+    call: Callable[..., Any]
+    loss_fn: Callable[[Any, Tensor], Tensor]
+    target: Tensor
+    shared_path: str
+    compress_kwargs: dict[str, Any]
+
+    def loss(self, out: Any) -> Tensor:
+        """The scalar loss of ``out``."""
+        return self.loss_fn(out, self.target)
+
+    def to(self, device: str) -> None:
+        """Move inputs, target and the example inputs `compress` is given."""
+        self.inputs = tuple(t.to(device) for t in self.inputs)
+        self.target = self.target.to(device)
+        self.compress_kwargs = torch.utils._pytree.tree_map(
+            lambda t: t.to(device) if isinstance(t, Tensor) else t, self.compress_kwargs)
+
+
+@dataclass
+class Arm:
+    """One configuration: what to call and the parameters its gradient is taken on."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    laser: bool
+
+
+class TorchCheckpoint(nn.Module):
+    """Wraps a shared block so that each call is an exact non-reentrant torch checkpoint."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels, so that a clock read after it covers them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine() -> str:
+    """One line: CPU model (or GPU name), torch version, threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                    if ln.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}{gpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+
+
+def _trm_loss(out: Any, labels: Tensor) -> Tensor:
+    logits, q_halt = out[0], out[1]
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    return ce + 0.5 * F.binary_cross_entropy_with_logits(q_halt.float(), torch.ones_like(q_halt))
+
+
+def trm_workload(*, mixer: str, d: int = 64, n: int = 3, T: int = 2, batch: int = 64,
+                 task: str | None = None, size: int | None = None, seed: int = 0) -> Workload:
+    """The TRM example model (examples/trm) on generated puzzles, random init.
+
+    Args:
+        mixer: "attn" or "mlp_t".
+        d, n, T, batch: TRMConfig hidden_size, n, T and the batch size.
+        task, size: puzzle ("sudoku" 6 for mlp_t, "maze" 7 for attn by default, as in the
+            TRM experiment).
+        seed: weights and puzzles.
+
+    Returns:
+        The `Workload` (shared block: ``net``).
+    """
+    from examples.trm.data import make_dataset, seq_len, vocab_size
+    from examples.trm.model import TRM, TRMConfig
+
+    task = task or ("sudoku" if mixer == "mlp_t" else "maze")
+    size = size or (6 if task == "sudoku" else 7)
+    cfg = TRMConfig(vocab_size=vocab_size(task, size), seq_len=seq_len(task, size),
+                    hidden_size=d, num_heads=max(1, d // 32) if d >= 128 else 4, n=n, T=T,
+                    mixer=mixer)
+    torch.manual_seed(seed)
+    model = TRM(cfg)
+    x, y = make_dataset(task, size, batch, seed)
+    y0, z0 = model.initial_carry(batch)
+    inputs = (x, y0, z0)
+    return Workload(
+        name=f"TRM {mixer} D={d} n={n} T={T} {task} {size}x{size} batch {batch}",
+        model=model, inputs=inputs, call=lambda m, *a: m(*a),
+        loss_fn=_trm_loss, target=y, shared_path="net",
+        compress_kwargs={"example_inputs": inputs},
+    )
+
+
+def albert_workload(*, layers: int = 6, batch: int = 16, seq: int = 32, seed: int = 0) -> Workload:
+    """The ALBERT example (examples/hf_albert.py): hidden 128, ``layers`` layers sharing one."""
+    from examples.hf_albert import albert_config, loss_fn, make_batch, make_model
+
+    cfg = albert_config(vocab=100, max_len=64, layers=layers)
+    gen = torch.Generator().manual_seed(seed)
+    b = make_batch(gen, batch, seq, 100)
+    model = make_model(cfg, seed)
+    ids, mask = b.inputs["input_ids"], b.inputs["attention_mask"]
+    return Workload(
+        name=f"ALBERT hidden 128, {layers} layers sharing 1, batch {batch}, length {seq}",
+        model=model, inputs=(ids, mask),
+        call=lambda m, i, am: m(input_ids=i, attention_mask=am),
+        loss_fn=lambda out, target: loss_fn(out, target)[0], target=b.target,
+        shared_path="albert.encoder.albert_layer_groups.0",
+        compress_kwargs={"example_kwargs": {"input_ids": ids, "attention_mask": mask}},
+    )
+
+
+def _torch_checkpointed(model: nn.Module, path: str) -> nn.Module:
+    twin = copy.deepcopy(model)
+    parent_path, _, leaf = path.rpartition(".")
+    parent = twin.get_submodule(parent_path) if parent_path else twin
+    inner = parent[int(leaf)] if leaf.isdigit() else getattr(parent, leaf)
+    wrapped = TorchCheckpoint(inner)
+    if leaf.isdigit():
+        parent[int(leaf)] = wrapped
+    else:
+        setattr(parent, leaf, wrapped)
+    return twin
+
+
+def build_arms(w: Workload, modes: Sequence[str] = tuple(LASER_MODES), combo: bool = True,
+               device: str = "cpu") -> tuple[list[Arm], dict[str, str]]:
+    """Uncompressed, torch checkpoint, the LASER modes and (if ``combo``) LASER linear inside
+    torch checkpointing, built on ``device`` (the model and workload are moved there first, so
+    a model exported for ALBERT captures that device's constants).
+
+    Returns:
+        ``(arms, notes)``: arms that could be built, and ``label -> why not`` for those that
+        could not.
+    """
+    w.model.to(device)  # in place: parameters stay shared between the model and its arms
+    w.to(device)
+    params = [p for p in w.model.parameters() if p.requires_grad]
+    ckpt = _torch_checkpointed(w.model, w.shared_path)
+    arms = [Arm("uncompressed", w.model, params, False),
+            Arm("torch checkpoint", ckpt, [p for p in ckpt.parameters() if p.requires_grad],
+                False)]
+    notes: dict[str, str] = {}
+    for label in modes:
+        cfg = laser_fx.LaserConfig(mode=LASER_MODES[label])
+        arms.append(Arm(label, laser_fx.compress(w.model, config=cfg, **w.compress_kwargs),
+                        params, True))
+    if combo:
+        label = "LASER linear inside torch checkpoint"
+        try:
+            twin = _torch_checkpointed(w.model, w.shared_path)
+            cm = laser_fx.compress(twin, config=laser_fx.LaserConfig(mode="linear"),
+                                   **w.compress_kwargs)
+            arms.append(Arm(label, cm, [p for p in twin.parameters() if p.requires_grad], True))
+        except Exception as e:  # noqa: BLE001 - recorded in the results as the reason
+            notes[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    for arm in arms:  # wrappers' own buffers, if any
+        arm.module.to(device)
+    return arms, notes
+
+
+def _step(w: Workload, arm: Arm) -> None:
+    w.loss(w.call(arm.module, *w.inputs)).backward()
+    for p in arm.params:
+        p.grad = None
+
+
+@contextmanager
+def _tracker_clock(device: str, total: list[float]) -> Iterator[None]:
+    """Time every `SubspaceTracker.compress` / `decompress` call (synchronised) into ``total``."""
+    originals = {name: getattr(SubspaceTracker, name) for name in ("compress", "decompress")}
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(device)
+                total[0] += time.perf_counter() - t0
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(SubspaceTracker, name, timed(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(SubspaceTracker, name, fn)
+
+
+def _grads(w: Workload, arm: Arm) -> Tensor:
+    loss = w.loss(w.call(arm.module, *w.inputs))
+    gs = torch.autograd.grad(loss, arm.params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double()
+                      for p, g in zip(arm.params, gs, strict=True)])
+
+
+def _quantiles(ts: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    return {"step_ms": 1e3 * statistics.median(ts), "q25_ms": 1e3 * q[0], "q75_ms": 1e3 * q[2],
+            "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts)}
+
+
+def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
+                 tracker_reps: int = 2) -> list[dict[str, Any]]:
+    """Measure every arm: memory, peak, gradient cosine, step time, tracker share.
+
+    Args:
+        w: the workload.
+        arms: from `build_arms` (the first one is the uncompressed reference).
+        reps: timed steps per arm after one warm-up round (0: memory and gradients only).
+        device: "cpu" or "cuda" (the clock is read after a synchronize).
+        tracker_reps: extra instrumented steps per LASER arm for the tracker share.
+
+    Returns:
+        One dict per arm; ratios are to the first arm.
+    """
+    times: dict[str, list[float]] = {a.name: [] for a in arms}
+    for r in range(reps + 1 if reps else 0):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            _step(w, arm)
+            sync(device)
+            if r:  # round 0 warms caches and the trackers' bases
+                times[arm.name].append(time.perf_counter() - t0)
+    ref = _grads(w, arms[0])
+    rows: list[dict[str, Any]] = []
+    for arm in arms:
+        mem = laser_fx.measure_activation_memory(
+            lambda *a, m=arm.module: w.call(m, *a), w.inputs, w.loss)
+        for p in arm.params:
+            p.grad = None
+        g = _grads(w, arm)
+        row: dict[str, Any] = {
+            "arm": arm.name, "after_forward_bytes": mem.after_forward, "peak_bytes": mem.peak,
+            "grad_cosine": float(F.cosine_similarity(g, ref, dim=0)),
+        }
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base_alloc = torch.cuda.memory_allocated()
+            _step(w, arm)
+            row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base_alloc
+        if times[arm.name]:
+            row.update(_quantiles(times[arm.name]))
+        if arm.laser and tracker_reps:
+            shares = []
+            for _ in range(tracker_reps):
+                spent = [0.0]
+                with _tracker_clock(device, spent):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    _step(w, arm)
+                    sync(device)
+                shares.append(spent[0] / (time.perf_counter() - t0))
+            row["tracker_share"] = statistics.median(shares)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["memory_ratio"] = row["after_forward_bytes"] / max(base["after_forward_bytes"], 1)
+        row["peak_ratio"] = row["peak_bytes"] / max(base["peak_bytes"], 1)
+        if "step_ms" in row and "step_ms" in base:
+            row["time_ratio"] = row["step_ms"] / base["step_ms"]
+    return rows
