@@ -46,14 +46,15 @@ class Packed:
     """One stored activation: coefficients with the basis version they belong to, or dense.
 
     Attributes:
-        coeffs: ``(N, k)`` coefficients ``C = X Q`` (None when stored dense).
+        coeffs: ``(N, k)`` coefficients ``C = (X - 1 mᵀ) Q`` (None when stored dense).
         dense: the activation itself, detached (None when stored low-rank).
         basis: the ``(width, k)`` fp32 basis version ``Q`` the coefficients belong to.
+        mean: the ``(width,)`` row mean ``m`` taken out before projecting (None: not centered).
         shape: original shape of the activation.
         dtype: original dtype of the activation.
     """
 
-    __slots__ = ("basis", "coeffs", "dense", "dtype", "shape")
+    __slots__ = ("basis", "coeffs", "dense", "dtype", "mean", "shape")
 
     def __init__(
         self,
@@ -63,10 +64,12 @@ class Packed:
         coeffs: Tensor | None = None,
         basis: Tensor | None = None,
         dense: Tensor | None = None,
+        mean: Tensor | None = None,
     ) -> None:
         self.coeffs = coeffs
         self.basis = basis
         self.dense = dense
+        self.mean = mean
         self.shape = shape
         self.dtype = dtype
 
@@ -78,8 +81,10 @@ class Packed:
     @property
     def nbytes(self) -> int:
         """Bytes of what this record stores, basis excluded (it is shared between records)."""
-        t = self.dense if self.dense is not None else self.coeffs
-        return t.numel() * t.element_size()
+        if self.dense is not None:
+            return self.dense.numel() * self.dense.element_size()
+        extra = 0 if self.mean is None else self.mean.numel() * self.mean.element_size()
+        return self.coeffs.numel() * self.coeffs.element_size() + extra
 
     def __repr__(self) -> str:
         how = "dense" if self.is_dense else f"rank={self.coeffs.shape[1]}"
@@ -236,6 +241,10 @@ class SubspaceTracker(nn.Module):
             self.backoff.sub_(1)
             return self._store_dense(x)
         xm = x.reshape(-1, self.width).float()
+        mean = None
+        if self.config.center:  # a component shared by every row is kept exactly, aside
+            mean = xm.mean(0)
+            xm = xm - mean
         total = float(torch.linalg.vector_norm(xm).square())
         if not math.isfinite(total):
             self.nonfinite.add_(1)
@@ -244,22 +253,22 @@ class SubspaceTracker(nn.Module):
         if total == 0.0:
             if k == 0:  # nothing to build a basis from: keep it exactly, state untouched
                 return self._store_dense(x)
-            return self._finish(x, self.basis, xm.new_zeros(xm.shape[0], k), 1.0)
+            return self._finish(x, self.basis, xm.new_zeros(xm.shape[0], k), 1.0, mean)
         threshold = self.threshold()
         if k > 0:
             coeffs = xm @ self.basis
             fid = min(1.0, float(coeffs.square().sum()) / total)
             if fid >= threshold:
-                return self._shrink_and_finish(x, coeffs, fid, total)
+                return self._shrink_and_finish(x, coeffs, fid, total, mean)
         with _single_thread_if_small(xm):
             if k > 0 and self.config.power_iters > 0 and k < self.width:
                 self.power_updates.add_(1)
                 basis, coeffs, fid = self._power_update(xm, total)
                 if fid >= threshold:
-                    return self._finish(x, basis, coeffs, fid)
+                    return self._finish(x, basis, coeffs, fid, mean)
             basis, coeffs, fid = self._reset(xm, total)  # first call, or tracking failed
             self.reset_fidelity.fill_(fid)
-        return self._finish(x, basis, coeffs, fid)
+        return self._finish(x, basis, coeffs, fid, mean)
 
     def threshold(self) -> float:
         """Captured-energy fraction below which the basis is updated (see `LaserConfig`)."""
@@ -282,6 +291,8 @@ class SubspaceTracker(nn.Module):
             return p.dense
         with torch.no_grad():
             x_hat = p.coeffs.to(p.basis.dtype) @ p.basis.T
+            if p.mean is not None:
+                x_hat += p.mean.to(x_hat.dtype)
         return x_hat.reshape(p.shape).to(p.dtype)
 
     # ------------------------------------------------------------------ internals
@@ -360,7 +371,9 @@ class SubspaceTracker(nn.Module):
         k = int(torch.nonzero(tail <= budget)[0]) + 1
         return min(k, self._cap(d))
 
-    def _shrink_and_finish(self, x: Tensor, coeffs: Tensor, fid: float, total: float) -> Packed:
+    def _shrink_and_finish(
+        self, x: Tensor, coeffs: Tensor, fid: float, total: float, mean: Tensor | None
+    ) -> Packed:
         # Columns are ordered by energy (SVD / Ritz order), so a prefix that already keeps
         # `energy` makes the rest unnecessary: the rank follows data that concentrates.
         basis = self.basis
@@ -370,9 +383,11 @@ class SubspaceTracker(nn.Module):
                 self.shrinks.add_(1)
                 coeffs, basis = coeffs[:, :k], basis[:, :k]
                 fid = min(1.0, float(coeffs.square().sum()) / total)
-        return self._finish(x, basis, coeffs, fid)
+        return self._finish(x, basis, coeffs, fid, mean)
 
-    def _finish(self, x: Tensor, basis: Tensor, coeffs: Tensor, fid: float) -> Packed:
+    def _finish(
+        self, x: Tensor, basis: Tensor, coeffs: Tensor, fid: float, mean: Tensor | None
+    ) -> Packed:
         """Adopt ``basis`` (a new buffer tensor if it changed) and store the coefficients."""
         if basis is not self.basis:
             self.basis = _compact(basis.float())  # assign, never in place: old Packed keep theirs
@@ -397,7 +412,8 @@ class SubspaceTracker(nn.Module):
         if dense:
             return self._store_dense(x)
         packed = Packed(
-            shape=x.shape, dtype=x.dtype, coeffs=_compact(coeffs.to(store)), basis=self.basis
+            shape=x.shape, dtype=x.dtype, coeffs=_compact(coeffs.to(store)), basis=self.basis,
+            mean=None if mean is None else mean.to(store),
         )
         self.stored_bytes.add_(packed.nbytes)
         return packed

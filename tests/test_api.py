@@ -86,9 +86,10 @@ def test_fixed_rank_stored_bytes_match_formula():
     rep = laser_fx.report(cmodel).to_dict()
     tokens = inputs[0].numel()
     for s in rep["sites"]:
-        # per grad use: N x k fp32 coefficients; plus the current basis (width x k)
+        # per grad use: N x k fp32 coefficients and the row mean (width); plus the current
+        # basis (width x k)
         assert s["rank"] == 4
-        want = s["grad_uses"] * tokens * 4 * 4 + s["width"] * 4 * 4
+        want = s["grad_uses"] * (tokens * 4 + s["width"]) * 4 + s["width"] * 4 * 4
         assert s["stored_bytes"] == want, (s["name"], s["stored_bytes"], want)
         assert s["dense_bytes"] == s["grad_uses"] * tokens * s["width"] * 4
 

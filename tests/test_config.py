@@ -41,6 +41,8 @@ _BAD = [
     ("mode", None, "must be one of"),
     ("store_dtype", torch.float64, "must be one of"),
     ("store_dtype", "float16", "must be one of"),
+    ("center", 1, "must be True or False"),
+    ("center", None, "must be True or False"),
     ("per_site", ["net.*"], "must be a mapping"),
     ("per_site", {"net.(": LaserConfig()}, "keys must be valid regular expressions"),
     ("per_site", {3: LaserConfig()}, "keys must be regular expressions \\(str\\)"),

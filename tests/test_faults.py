@@ -178,7 +178,12 @@ def test_zero_and_rank1_activations(name, kind, mode):
             got, want = _grads(cmodel, (inp,), params), _grads(model, (inp,), params)
             assert all(torch.isfinite(g).all() for g in got)
             if energy == 1.0:
-                _assert_grads_close(got, want, what=f"{kind}")
+                # rank-1 input: every token the same direction, so some weight gradients
+                # (attention's output projection) are near-cancellations, |dYᵀX| << |dY||X|,
+                # and the 1e-10-energy rounding floor moves them by ~1e-4 of their norm
+                # (measured 1.1e-4 centered, 3.8e-4 uncentered); a wrong gradient is O(1) off
+                _assert_grads_close(got, want, rtol=5e-4 if kind == "rank1" else 1e-4,
+                                    what=f"{kind}")
         assert _tracker_state_finite(cmodel)
 
 

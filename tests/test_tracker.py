@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from laser_fx.config import LaserConfig
@@ -50,6 +50,7 @@ def configs(draw) -> LaserConfig:
         fidelity=draw(st.floats(0.0, energy)),
         power_iters=draw(st.integers(0, 2)),
         oversample=draw(st.integers(0, 4)),
+        center=draw(st.booleans()),
     )
 
 
@@ -63,9 +64,12 @@ def activation(n: int, width: int, rank: int, scale: float, subspace: int, seed:
     return scale * (x + 0.01 * torch.randn(n, width, generator=g) / math.sqrt(width))
 
 
-def fidelity_of(x: torch.Tensor, basis: torch.Tensor) -> float:
-    """Captured energy, computed with the tracker's own operations."""
+def fidelity_of(x: torch.Tensor, basis: torch.Tensor, center: bool = True) -> float:
+    """Captured energy of the rows around their mean (``center``, the default config's),
+    computed with the tracker's own operations."""
     x = x.reshape(-1, basis.shape[0]).float()
+    if center:
+        x = x - x.mean(0)
     total = float(torch.linalg.vector_norm(x).square())
     return min(1.0, float((x @ basis).square().sum()) / total) if total else 1.0
 
@@ -110,7 +114,8 @@ def test_reset_happens_exactly_when_fidelity_falls_below_threshold(width, n, ste
         assume(abs(f - fid) > 1e-4)  # not a rounding coin flip at the threshold
         resets = int(tracker.resets)
         tracker.compress(x)
-        want = 0 if backing_off else int(first or f < fid)
+        same_rows = bool((x == x[:1]).all())  # nothing left around the mean: kept exactly
+        want = 0 if backing_off or same_rows else int(first or f < fid)
         assert int(tracker.resets) - resets == want, f"{f=} {fid=} {backing_off=}"
         assert int(tracker.power_updates) == 0
 
@@ -205,7 +210,9 @@ def test_coefficient_dtype_and_round_trip(dtype, store, expect):
     torch.testing.assert_close(
         x_hat.float(), x.float(), rtol=3e-2, atol=3e-2 * x.abs().max().item()
     )
-    assert int(tracker.stored_bytes) == packed.nbytes == 64 * 3 * packed.coeffs.element_size()
+    item = packed.coeffs.element_size()
+    assert packed.mean.shape == (40,) and packed.mean.dtype == expect
+    assert int(tracker.stored_bytes) == packed.nbytes == (64 * 3 + 40) * item  # coeffs + mean
     assert int(tracker.dense_bytes) == x.numel() * x.element_size()
     tracker.begin_step()
     assert int(tracker.stored_bytes) == int(tracker.dense_bytes) == 0
@@ -364,3 +371,41 @@ def test_backoff_doubles_up_to_its_cap_while_activations_stay_incompressible():
     assert lengths == expected and lengths[-1] == _BACKOFF_MAX
     assert int(tracker.resets) < 2000 / _BACKOFF_MAX + 8  # not one reset every 8 calls
     assert "backoff_next" not in tracker.state_dict()
+
+
+@settings(deadline=None)
+@given(WIDTH, st.integers(8, 64), st.integers(1, 4), SEED, st.floats(10.0, 1000.0))
+def test_property_centering_keeps_what_varies_under_a_large_shared_offset(
+    width, n, rank, seed, offset
+):
+    # The failure centering fixes: a component every row shares (a constant initial carry)
+    # holds nearly all the energy, so an uncentered basis "keeps 99%" with that component
+    # alone and drops the rows' differences. Centered, the differences keep `energy` of
+    # their own energy and the offset is stored exactly.
+    assume(rank < width)
+    g = torch.Generator().manual_seed(seed)
+    vary = torch.randn(n, rank, generator=g) @ torch.randn(rank, width, generator=g)
+    x = offset * torch.randn(width, generator=g) + vary
+    centered = x - x.mean(0)
+    tracker = SubspaceTracker(width, cfg(energy=0.99))
+    x_hat = tracker.decompress(tracker.compress(x))
+    err = float((x_hat - x).norm() / centered.norm())
+    assert err <= 0.1 + 1e-4, f"centered: {err:.4f} of the varying part lost"
+    assert int(tracker.rank) <= rank
+    # the mean is part of each record: the bytes say so
+    tracker = SubspaceTracker(width, cfg(rank=rank))
+    p = tracker.compress(x)
+    if not p.is_dense:
+        assert p.mean is not None and p.nbytes == (n * rank + width) * 4
+
+
+def test_uncentered_tracker_loses_the_varying_part_under_a_shared_offset():
+    torch.manual_seed(0)
+    vary = torch.randn(256, 4) @ torch.randn(4, 64)
+    x = 100.0 * torch.randn(64) + vary
+    errs = {}
+    for center in (True, False):
+        tracker = SubspaceTracker(64, cfg(energy=0.99, center=center))
+        x_hat = tracker.decompress(tracker.compress(x))
+        errs[center] = float((x_hat - x).norm() / (x - x.mean(0)).norm())
+    assert errs[True] < 1e-3 and errs[False] > 0.3, errs

@@ -2,7 +2,8 @@
 
 Forward is exactly ``F.linear`` (same kernel, bitwise equal output). Backward needs the input
 only for ``grad_weight``; it uses the stored coefficients ``C = X Q`` and the basis version
-``Q`` they were projected with: ``grad_weight = (dYᵀ C) Qᵀ``. ``grad_input = dY W`` and
+``Q`` they were projected with: ``grad_weight = (dYᵀ C) Qᵀ`` (plus ``(dYᵀ 1) mᵀ`` for the row
+mean ``m`` a centered record keeps). ``grad_input = dY W`` and
 ``grad_bias`` do not need the input and stay exact.
 """
 
@@ -29,8 +30,12 @@ def _grad_weight(dy2: Tensor, packed: Packed, dtype: torch.dtype) -> Tensor:
     (n, out), (width, k) = dy2.shape, q.shape
     # (dYᵀ C) Qᵀ costs out·k·(n + width); dYᵀ (C Qᵀ) costs n·width·(k + out)
     if out * k * (n + width) <= n * width * (k + out):
-        return ((dy2.T @ c) @ q.T).to(dtype)
-    return (dy2.T @ (c @ q.T)).to(dtype)
+        g = (dy2.T @ c) @ q.T
+    else:
+        g = dy2.T @ (c @ q.T)
+    if packed.mean is not None:  # X̂ = C Qᵀ + 1 mᵀ  =>  dYᵀ X̂ gains (dYᵀ 1) mᵀ
+        g += torch.outer(dy2.sum(0), packed.mean.to(calc))
+    return g.to(dtype)
 
 
 class _CompressedLinear(torch.autograd.Function):
@@ -44,7 +49,8 @@ class _CompressedLinear(torch.autograd.Function):
         else:
             # saved tensors, not ctx attributes: autograd frees them after a backward without
             # retain_graph and keeps them for a second backward with it
-            ctx.save_for_backward(weight, packed.coeffs, packed.basis)
+            kept = (packed.coeffs, packed.basis) + (() if packed.mean is None else (packed.mean,))
+            ctx.save_for_backward(weight, *kept)
         ctx.meta = (packed.shape, packed.dtype)
         return out
 
@@ -62,7 +68,8 @@ class _CompressedLinear(torch.autograd.Function):
         if len(rest) == 1:
             packed = Packed(shape=shape, dtype=dtype, dense=rest[0])
         else:
-            packed = Packed(shape=shape, dtype=dtype, coeffs=rest[0], basis=rest[1])
+            packed = Packed(shape=shape, dtype=dtype, coeffs=rest[0], basis=rest[1],
+                            mean=rest[2] if len(rest) == 3 else None)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         if need_x:

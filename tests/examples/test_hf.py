@@ -22,7 +22,9 @@ from examples import hf_albert, hf_common, hf_looped_llama
 from examples.hf_common import Batch
 
 MODES = [pytest.param("auto", id="auto"), pytest.param("linear", id="linear")]
-_RTOL, _ATOL = 1e-4, 1e-5
+# energy=1.0 drops directions below 1e-10 of an activation's energy (fp32 rounding noise):
+# single gradient entries move by up to ~2e-5 (measured 1.6e-5, looped Llama up_proj)
+_RTOL, _ATOL = 1e-4, 3e-5
 
 
 # ------------------------------------------------------------------------------ helpers
