@@ -132,8 +132,9 @@ _READING = (
     " (b) holds in energy terms everywhere: one warm-started power iteration keeps the"
     " optimal rank-k energy to within ~1e-3, although the trailing directions of the"
     " 99%-energy subspace (near-equal singular values) are not pinned down (largest-angle"
-    " sine near 1 on Sudoku); the default tracker still resets often, because its trigger is"
-    " the absolute 99% energy, which a rank fixed at the previous step misses by a hair."
+    " sine near 1 on Sudoku); the default tracker resets beyond its first calls 2 (Sudoku) to 7"
+    " (maze) times in 30 tracked steps, since a power update may grow the rank into its"
+    " oversampled columns (18 resets on the trained maze before it could)."
     " (c) the spread across sites is 1.5-1.8x on Sudoku (not sharp) and ~3.3x on the maze;"
     " these small models have only 10 site slots each (two block inputs, eight linear inputs).")
 
