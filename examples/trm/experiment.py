@@ -21,6 +21,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -72,8 +73,12 @@ blanks), lr 2e-3: 0% (100), 41% (200), 82% (300), 90% (400), 94% (600). 5x5 maze
 ~50 steps to a 92.4% plateau (lr 3e-3 without clipping then collapsed to 0%, hence lr 1e-3
 and gradient-norm clipping at 1); 7x7 mazes, lr 1e-3, clip 1: 0.6% (100), 2.6% (300), 4.8%
 (400), 13% (500), 18% (600), still rising; lr 3e-3 or ACT max 4 did not help within 300.
-Chosen: 6x6 Sudoku, 250 steps; 7x7 maze, 600 steps (below the 30% aim: more steps did not
-fit the time). `--preset small` (4x4 Sudoku 175 steps, 5x5 maze 80 steps, 6 seeds, done
+Longer (session 2, `train.py --task maze --size 7 --steps 1200 --lr 1e-3 --grad-clip 1
+--no-laser --eval-every 200`): 0.2% (200), 4.8% (400), 18% (600), 21% (800), 2% (1000), 13%
+(1200): unstable at a constant lr, so more steps alone do not reach 30%. 6x6 mazes are
+saturated instead: 93% exact after 100 steps, 100% at 500 (min path 6); with `--difficulty
+11`, 89% after 100, 100% at 500.
+Chosen: 6x6 Sudoku, 250 steps; 7x7 maze, 600 steps (below the 30% aim). `--preset small` (4x4 Sudoku 175 steps, 5x5 maze 80 steps, 6 seeds, done
 first): Sudoku exact 91.4 ± 5.0 (baseline) vs 90.4 ± 5.8 (LASER), p = 0.77; maze 92.4% for both arms in
 every seed but one (a plateau, uninformative)."""
 
@@ -203,7 +208,7 @@ def run_experiment(
 
     def finish(name: str, seed: int, result: dict[str, Any], seconds: float) -> None:
         line = {"key": _key(tasks[name], seed), "task": name, "seed": seed,
-                "seconds": seconds, "result": result}
+                "seconds": seconds, "commit": _commit(), "result": result}
         with jsonl.open("a") as f:
             f.write(json.dumps(line) + "\n")
         r = result["runs"][0]
@@ -224,6 +229,19 @@ def run_experiment(
                 finish(n, s, fut.result(), time.perf_counter() - t0)
     report = write_report(out_dir, tasks, seeds, command)
     return {"ran": len(todo), "skipped": skipped, "report": report}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (marked "+" when the tree has changes), or None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+" if dirty.strip() else "")
 
 
 # -------------------------------------------------------------------------------- report
@@ -299,6 +317,10 @@ def write_report(
     for name, spec in tasks.items():
         arms = data.get(name, {})
         lines += [f"## {name}", "", "Config: `" + json.dumps(spec, sort_keys=True) + "`", ""]
+        commits = sorted({r.get("commit") or "not recorded" for r in runs
+                          if r["key"] in keys and r["task"] == name})
+        if commits:
+            lines += [f"Code: commit {', '.join(commits)}.", ""]
         if not arms:
             lines += ["(no finished runs yet)", ""]
             continue

@@ -121,6 +121,8 @@ def test_experiment_resumes_and_marks_partial(tmp_path) -> None:
     assert len(experiment.load_runs(tmp_path / "trm_runs.jsonl")) == 1
     report = (tmp_path / "trm.md").read_text()
     assert "PARTIAL" not in report and "| laser | 1 |" in report
+    commit = experiment.load_runs(tmp_path / "trm_runs.jsonl")[0]["commit"]
+    assert commit is None or f"Code: commit {commit}." in report  # which code ran is recorded
     assert (tmp_path / "trm_accuracy_memory.png").stat().st_size > 0
     jsonl = tmp_path / "trm_runs.jsonl"
     jsonl.write_text(jsonl.read_text() * 2 + '{"torn line')  # a duplicate and a killed write
