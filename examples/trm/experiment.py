@@ -232,12 +232,14 @@ def run_experiment(
 
 
 def _commit() -> str | None:
-    """The checkout's commit (marked "+" when the tree has changes), or None outside git."""
+    """The checkout's commit (marked "+" when its code has changes), or None outside git."""
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                               capture_output=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # code only: the experiment's own results files change while it runs
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "laser_fx", "examples", "pyproject.toml"],
                                cwd=root, text=True, capture_output=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
