@@ -404,13 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="parallel runs (0: in-process)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="override every task's step count")
+    p.add_argument("--energy", type=float, default=None,
+                   help="LaserConfig.energy of the LASER arm (default: the library's)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
     args = p.parse_args(argv)
     preset = SMALL_TASKS if args.preset == "small" else TASKS
     tasks = {name: dict(preset[name]) for name in args.tasks}
-    if args.steps is not None:
-        for spec in tasks.values():
-            spec["steps"] = args.steps
+    for key in ("steps", "energy"):  # part of each run's key: other runs, not overwrites
+        if getattr(args, key) is not None:
+            for spec in tasks.values():
+                spec[key] = getattr(args, key)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     command = "PYTHONPATH=. .venv/bin/python " + shlex.join(["examples/trm/experiment.py", *given])
     seeds = list(range(args.seeds))
