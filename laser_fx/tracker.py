@@ -179,9 +179,9 @@ class SubspaceTracker(nn.Module):
         self.register_buffer("reset_fidelity", torch.ones(()))
         # calls left to store dense without trying (after an incompressible activation)
         self.register_buffer("backoff", torch.zeros((), dtype=torch.int64))
-        # the next back-off's length (doubles while tries keep failing); not saved: a loaded
-        # tracker starts from the short back-off again
-        self.register_buffer("backoff_next", torch.tensor(_BACKOFF), persistent=False)
+        # the next back-off's length (doubles while tries keep failing); a plain int, not
+        # a buffer: no device op per call, and not part of the saved state
+        self.backoff_next = _BACKOFF
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
@@ -400,12 +400,12 @@ class SubspaceTracker(nn.Module):
         if self.config.rank is None:  # energy mode: back off from incompressible activations
             dense = self.basis.shape[1] * item > _INCOMPRESSIBLE * self.width * x.element_size()
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)
-                self.backoff.copy_(self.backoff_next)
-                self.backoff_next.copy_((2 * self.backoff_next).clamp(max=_BACKOFF_MAX))
+                self.backoff.fill_(self.backoff_next)
+                self.backoff_next = min(2 * self.backoff_next, _BACKOFF_MAX)
                 self.basis = self.basis.new_zeros(self.width, 0)
                 self.rank.zero_()
             else:
-                self.backoff_next.fill_(_BACKOFF)
+                self.backoff_next = _BACKOFF
         fid = 1.0 if dense else fid
         self.last_fidelity.fill_(fid)
         self.min_fidelity.clamp_(max=fid)
