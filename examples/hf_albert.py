@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from examples.hf_common import (  # noqa: E402
     Summary,
     add_common_args,
     compare,
+    endless_batches,
     torch_threads,
 )
 
@@ -99,11 +100,6 @@ def loss_fn(out: object, target: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return loss, int((logits.argmax(-1) == target).sum()), target.numel()
 
 
-def _batches(gen: torch.Generator, batch: int, seq_len: int, vocab: int) -> Iterator[Batch]:
-    while True:
-        yield make_batch(gen, batch, seq_len, vocab)
-
-
 def main(argv: Sequence[str] | None = None) -> Summary:
     """Run the example with command-line ``argv``; returns the printed figures."""
     a = _parse(argv)
@@ -134,7 +130,8 @@ def _run(a: argparse.Namespace) -> Summary:
     print(f"ALBERT: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers sharing "
           f"{cfg.num_hidden_groups} group, {cfg.num_attention_heads} heads, FFN "
           f"{cfg.intermediate_size}, vocab {vocab}; batch {a.batch}, padded length {a.seq}")
-    return compare(model, example, held_out, _batches(gen, a.batch, a.seq, vocab), loss_fn, a,
+    train = endless_batches(make_batch, gen, a.batch, a.seq, vocab)
+    return compare(model, example, held_out, train, loss_fn, a,
                    desc="ALBERT majority", metric=f"{len(held_out) * 64} sequences")
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "activation_memory",
     "add_common_args",
     "build_arms",
+    "endless_batches",
     "evaluate",
     "print_summary",
     "torch_threads",
@@ -76,6 +77,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: these small ops run fastest on a shared box)")
+
+
+def endless_batches(make_batch: Callable[..., Batch], gen: torch.Generator,
+                    *args: Any) -> Iterator[Batch]:
+    """``make_batch(gen, *args)`` forever: the training stream of an example."""
+    while True:
+        yield make_batch(gen, *args)
 
 
 @contextmanager

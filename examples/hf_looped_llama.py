@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from examples.hf_common import (  # noqa: E402
     Summary,
     add_common_args,
     compare,
+    endless_batches,
     torch_threads,
 )
 
@@ -115,11 +116,6 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, i
     return loss, correct, int(scored.sum())
 
 
-def _batches(gen: torch.Generator, batch: int, length: int, vocab: int) -> Iterator[Batch]:
-    while True:
-        yield make_batch(gen, batch, length, vocab)
-
-
 def main(argv: Sequence[str] | None = None) -> Summary:
     """Run the example with command-line ``argv``; returns the printed figures."""
     a = _parse(argv)
@@ -153,7 +149,8 @@ def _run(a: argparse.Namespace) -> Summary:
     print(f"Looped Llama: one decoder layer x {a.loops} loops, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads, SwiGLU {cfg.intermediate_size}, vocab {a.vocab}; "
           f"batch {a.batch}, sequence {2 * a.length + 1}")
-    return compare(model, example, held_out, _batches(gen, a.batch, a.length, a.vocab), loss_fn, a,
+    train = endless_batches(make_batch, gen, a.batch, a.length, a.vocab)
+    return compare(model, example, held_out, train, loss_fn, a,
                    desc="looped Llama copy", metric=f"copied tokens of {len(held_out) * 64} strings")
 
 

@@ -181,7 +181,7 @@ def test_zero_and_rank1_activations(name, kind, mode):
                 # rank-1 input: every token the same direction, so some weight gradients
                 # (attention's output projection) are near-cancellations, |dYᵀX| << |dY||X|,
                 # and the 1e-10-energy rounding floor moves them by ~1e-4 of their norm
-                # (measured 1.1e-4 centered, 3.8e-4 uncentered); a wrong gradient is O(1) off
+                # (this test's attn.o.weight, centered or not); a wrong gradient is O(1) off
                 _assert_grads_close(got, want, rtol=5e-4 if kind == "rank1" else 1e-4,
                                     what=f"{kind}")
         assert _tracker_state_finite(cmodel)
