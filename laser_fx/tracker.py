@@ -395,10 +395,13 @@ class SubspaceTracker(nn.Module):
         fid = min(1.0, max(0.0, fid))  # rounding can leave a hair outside [0, 1]
         store = self.config.store_dtype or x.dtype
         item = torch.empty((), dtype=store).element_size()
-        # coefficients not smaller than x: keep x itself, exactly
-        dense = self.basis.shape[1] * item >= self.width * x.element_size()
+        # coefficients (and the centered mean row) not smaller than x: keep x itself, exactly
+        rows = x.numel() // self.width
+        packed_bytes = (rows * self.basis.shape[1] + (0 if mean is None else self.width)) * item
+        x_bytes = x.numel() * x.element_size()
+        dense = packed_bytes >= x_bytes
         if self.config.rank is None:  # energy mode: back off from incompressible activations
-            dense = self.basis.shape[1] * item > _INCOMPRESSIBLE * self.width * x.element_size()
+            dense = packed_bytes > _INCOMPRESSIBLE * x_bytes
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)
                 self.backoff.fill_(self.backoff_next)
                 self.backoff_next = min(2 * self.backoff_next, _BACKOFF_MAX)

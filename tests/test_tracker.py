@@ -409,3 +409,32 @@ def test_uncentered_tracker_loses_the_varying_part_under_a_shared_offset():
         x_hat = tracker.decompress(tracker.compress(x))
         errs[center] = float((x_hat - x).norm() / (x - x.mean(0)).norm())
     assert errs[True] < 1e-3 and errs[False] > 0.3, errs
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    st.lists(st.integers(1, 6), min_size=2, max_size=4),  # rows per call: few rows make the
+    # centered mean row a large share of a record
+    st.integers(4, 48),
+    st.sampled_from([None, 1, 3]),
+    st.sampled_from([0.5, 0.99, 0.999]),
+    st.booleans(),
+    SEED,
+)
+def test_property_a_record_is_never_larger_than_the_activation(rows_per_call, width, rank, energy,
+                                                                center, seed):
+    # regression: the "store dense" decision once compared per-row sizes only, so a centered
+    # record (coefficients + one mean row) of a 1-row activation, after a basis existed,
+    # outgrew the activation itself
+    gen = torch.Generator().manual_seed(seed)
+    tracker = SubspaceTracker(
+        width, cfg(energy=energy, rank=None if rank is None else min(rank, width),
+                   center=center, power_iters=1)
+    )
+    for rows in rows_per_call:
+        x = torch.randn(rows, width, generator=gen)
+        packed = tracker.compress(x)
+        assert packed.nbytes <= x.numel() * x.element_size(), (packed, tracker.stats())
+        if packed.is_dense:
+            assert torch.equal(tracker.decompress(packed), x)
+    assert int(tracker.stored_bytes) <= int(tracker.dense_bytes)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.1)
     a("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
     a("--warmup", type=int, default=20, help="linear lr warm-up steps")
+    a("--schedule", choices=("constant", "cosine"), default="constant",
+      help="lr after the warm-up: constant (TRM's) or cosine decay to --min-lr-ratio x lr")
+    a("--min-lr-ratio", type=float, default=0.1, help="cosine schedule: final lr / lr")
     a("--ema-decay", type=float, default=0.99, help="EMA of weights (0.999 in TRM's 65k steps)")
     a("--eval-every", type=int, default=0, help="also evaluate every N steps (0: at the end)")
     a("--max-sup-steps", type=int, default=2, help="ACT maximum supervision steps (eval runs all)")
@@ -100,7 +103,15 @@ def _laser_config(args: argparse.Namespace) -> laser_fx.LaserConfig:
 
 
 def _lr_at(step: int, args: argparse.Namespace) -> float:
-    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    warmup = max(args.warmup, 1)
+    if step + 1 < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
+    lo = args.min_lr_ratio
+    progress = min(1.0, (step + 1 - warmup) / max(args.steps - warmup, 1))
+    return args.lr * (lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class _Arm:

@@ -130,3 +130,17 @@ def test_experiment_resumes_and_marks_partial(tmp_path) -> None:
     assert "| laser | 1 |" in (tmp_path / "trm.md").read_text(), "a duplicate counts once"
     experiment.write_report(tmp_path, tasks, [0, 1])
     assert "PARTIAL: 1 of 2 runs" in (tmp_path / "trm.md").read_text()
+
+
+@given(st.integers(1, 50), st.integers(51, 400), st.floats(0.0, 1.0), st.floats(1e-5, 1e-1))
+def test_property_cosine_schedule_warms_up_then_decays_to_its_floor(warmup, steps, lo, lr):
+    args = argparse.Namespace(lr=lr, warmup=warmup, steps=steps, schedule="cosine",
+                              min_lr_ratio=lo)
+    lrs = [train._lr_at(s, args) for s in range(steps)]
+    assert lrs[warmup - 1] == pytest.approx(lr)  # the peak, right after the warm-up
+    rise, decay = lrs[:warmup], lrs[warmup - 1:]
+    assert all(a <= b * (1 + 1e-12) for a, b in zip(rise, rise[1:], strict=False))
+    assert all(a >= b * (1 - 1e-12) for a, b in zip(decay, decay[1:], strict=False))
+    assert lrs[-1] == pytest.approx(lo * lr, rel=1e-9, abs=1e-15)
+    constant = argparse.Namespace(**{**vars(args), "schedule": "constant"})
+    assert train._lr_at(steps - 1, constant) == lr
