@@ -41,7 +41,9 @@ __all__ = [
     "betainc",
     "load_runs",
     "main",
+    "paired_difference",
     "run_experiment",
+    "student_t_quantile",
     "student_t_sf",
     "welch_t_test",
     "write_report",
@@ -158,6 +160,45 @@ def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
     t = diff / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return t, df, min(1.0, 2.0 * student_t_sf(abs(t), df))
+
+
+def student_t_quantile(q: float, df: float) -> float:
+    """The t with P(T <= t) = q for Student's t with `df` degrees of freedom (by bisection)."""
+    if not 0.0 < q < 1.0 or df <= 0:
+        raise ConfigError(f"student_t_quantile needs 0 < q < 1 and df > 0, got q={q}, df={df}.")
+    lo, hi = -1.0, 1.0
+    while 1.0 - student_t_sf(lo, df) > q:
+        lo *= 2
+    while 1.0 - student_t_sf(hi, df) < q:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if 1.0 - student_t_sf(mid, df) < q else (lo, mid)
+        if hi - lo <= 1e-12 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def paired_difference(a: list[float], b: list[float], level: float = 0.95
+                      ) -> tuple[float, float, float, float]:
+    """Mean of ``b - a`` over paired samples, its confidence interval and the paired t-test p.
+
+    Both arms of a run share their initial weights and batches, so seed k of one arm is paired
+    with seed k of the other.
+
+    Returns:
+        (mean difference, CI low, CI high, two-sided p).
+    """
+    if len(a) != len(b) or len(a) < 2:
+        raise ConfigError(f"paired_difference needs two equal-length samples of >= 2 values, "
+                          f"got {len(a)} and {len(b)}.")
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    mean, df = statistics.fmean(d), len(d) - 1
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    if se == 0:
+        return mean, mean, mean, 1.0 if mean == 0 else 0.0
+    half = student_t_quantile(0.5 + level / 2, df) * se
+    return mean, mean - half, mean + half, min(1.0, 2.0 * student_t_sf(abs(mean / se), df))
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -292,6 +333,14 @@ def _collect(runs: list[dict[str, Any]], keys: set[str]) -> dict[str, dict[str, 
     return by_task
 
 
+def _pairs(arms: dict[str, list[dict]], metric: str) -> list[tuple[float, float]]:
+    """(baseline, LASER) values of `metric` for the seeds both arms finished."""
+    by_seed = {arm: {r["run"]["seed"]: r["eval"]["raw"][metric] for r in rs}
+               for arm, rs in arms.items()}
+    base, laser = by_seed.get("baseline", {}), by_seed.get("laser", {})
+    return [(base[s], laser[s]) for s in sorted(base.keys() & laser.keys())]
+
+
 def write_report(
     out_dir: Path, tasks: dict[str, dict[str, Any]], seeds: list[int], command: str = ""
 ) -> Path:
@@ -312,9 +361,12 @@ def write_report(
         f" (written {time.strftime('%Y-%m-%d %H:%M')}).",
         "",
         "Each run trains both arms in lockstep from the same initial weights on the same batches"
-        " (LASER: `laser_fx.compress(model)` with the default `LaserConfig`). Accuracy on"
+        " (LASER: `laser_fx.compress(model)` with the default `LaserConfig`; its energy is in"
+        " each task's config). Accuracy on"
         " held-out puzzles (a different data seed), raw weights, all ACT steps;"
-        " mean ± std over seeds. p: Welch's two-sided t-test, baseline vs LASER.",
+        " mean ± std over seeds. p: Welch's two-sided t-test, baseline vs LASER; and, since"
+        " seed k of both arms shares weights and batches, the per-seed difference with its 95%"
+        " confidence interval and paired t-test.",
         "Activation memory: `laser_fx.measure_activation_memory` of one training step on the"
         " same batch after training (bytes kept for backward; peak: maximum over forward and"
         " backward incl. parameter gradients); step time: median per run (first steps excluded), arms interleaved.",
@@ -354,6 +406,12 @@ def write_report(
                 t, df, p = welch_t_test(b, c)
                 lines.append(f"\nWelch's t-test on {metric}: t = {t:.2f}, df = {df:.1f},"
                              f" p = {p:.3f}")
+                pairs = _pairs(arms, metric)
+                if len(pairs) >= 2:
+                    m, lo, hi, pp = paired_difference(*zip(*pairs, strict=True))
+                    lines.append(f"Paired by seed (LASER - baseline, {len(pairs)} seeds):"
+                                 f" {100 * m:+.1f} points, 95% CI [{100 * lo:+.1f},"
+                                 f" {100 * hi:+.1f}], paired t-test p = {pp:.3f}")
         ratios = [r["run"]["memory_ratio"] for r in arms.get("laser", [])]
         times = [r["run"]["step_time_ratio"] for r in arms.get("laser", [])]
         sites = [s for r in arms.get("laser", []) for s in r["run"]["laser_report"]["sites"]]

@@ -144,3 +144,34 @@ def test_property_cosine_schedule_warms_up_then_decays_to_its_floor(warmup, step
     assert lrs[-1] == pytest.approx(lo * lr, rel=1e-9, abs=1e-15)
     constant = argparse.Namespace(**{**vars(args), "schedule": "constant"})
     assert train._lr_at(steps - 1, constant) == lr
+
+
+@pytest.mark.parametrize(("q", "df", "t"), [(0.975, 10, 2.2281388519649385),
+                                            (0.975, 4, 2.7764451051977987),
+                                            (0.995, 7, 3.4994832973505026),
+                                            (0.5, 3, 0.0)])
+def test_student_t_quantile_matches_tables(q: float, df: float, t: float) -> None:
+    assert experiment.student_t_quantile(q, df) == pytest.approx(t, abs=1e-9)
+    assert experiment.student_t_quantile(1 - q, df) == pytest.approx(-t, abs=1e-9)
+
+
+@given(st.lists(st.floats(-1, 1), min_size=2, max_size=12), st.floats(-0.5, 0.5))
+def test_property_paired_difference_brackets_the_mean_and_follows_a_shift(xs, shift):
+    a = xs
+    b = [x + shift + 0.01 * (i % 2) for i, x in enumerate(xs)]  # a shift plus a little noise
+    m, lo, hi, p = experiment.paired_difference(a, b)
+    assert lo <= m <= hi and 0.0 <= p <= 1.0
+    assert m == pytest.approx(shift + 0.01 * (len(xs) // 2) / len(xs), abs=1e-9)
+    # the paired test ignores the spread between seeds: only the differences matter
+    assert experiment.paired_difference([x * 100 for x in a], [x * 100 + (y - x) for x, y in
+                                        zip(a, b, strict=True)])[0] == pytest.approx(m, abs=1e-6)
+
+
+def test_paired_difference_known_example_and_bad_input() -> None:
+    # differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t = 3.464, df 2, p = 0.0742
+    m, lo, hi, p = experiment.paired_difference([0, 0, 0], [1, 2, 3])
+    assert m == pytest.approx(2.0)
+    assert hi - m == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-9)
+    assert p == pytest.approx(0.07417990022744853, rel=1e-6)
+    with pytest.raises(laser_fx.ConfigError, match="equal-length"):
+        experiment.paired_difference([1, 2], [1])
