@@ -61,8 +61,6 @@ def sweep(*, mixer: str, d: int, n: int, T: int, batch: int, energies, modes, de
                 "memory_ratio": mem / max(base, 1),
                 "ranks": sorted({r for s in rep.to_dict()["sites"] for r in s["ranks"]}),
             })
-            for p in params:
-                p.grad = None
     return rows
 
 

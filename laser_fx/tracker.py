@@ -394,14 +394,15 @@ class SubspaceTracker(nn.Module):
             self.rank.fill_(basis.shape[1])
         fid = min(1.0, max(0.0, fid))  # rounding can leave a hair outside [0, 1]
         store = self.config.store_dtype or x.dtype
-        item = torch.empty((), dtype=store).element_size()
-        # coefficients (and the centered mean row) not smaller than x: keep x itself, exactly
-        rows = x.numel() // self.width
-        packed_bytes = (rows * self.basis.shape[1] + (0 if mean is None else self.width)) * item
+        packed = Packed(
+            shape=x.shape, dtype=x.dtype, coeffs=coeffs.to(store), basis=self.basis,
+            mean=None if mean is None else mean.to(store),
+        )
+        # a record (coefficients, centered mean) not smaller than x: keep x itself, exactly
         x_bytes = x.numel() * x.element_size()
-        dense = packed_bytes >= x_bytes
+        dense = packed.nbytes >= x_bytes
         if self.config.rank is None:  # energy mode: back off from incompressible activations
-            dense = packed_bytes > _INCOMPRESSIBLE * x_bytes
+            dense = packed.nbytes > _INCOMPRESSIBLE * x_bytes
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)
                 self.backoff.fill_(self.backoff_next)
                 self.backoff_next = min(2 * self.backoff_next, _BACKOFF_MAX)
@@ -414,10 +415,7 @@ class SubspaceTracker(nn.Module):
         self.min_fidelity.clamp_(max=fid)
         if dense:
             return self._store_dense(x)
-        packed = Packed(
-            shape=x.shape, dtype=x.dtype, coeffs=_compact(coeffs.to(store)), basis=self.basis,
-            mean=None if mean is None else mean.to(store),
-        )
+        packed.coeffs = _compact(packed.coeffs)  # a kept slice must not pin a larger buffer
         self.stored_bytes.add_(packed.nbytes)
         return packed
 
