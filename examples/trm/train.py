@@ -298,6 +298,11 @@ def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
     if opts["quick"]:
         opts.update(QUICK)
     args = argparse.Namespace(**opts)
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise laser_fx.ConfigError(
+            f"--min-lr-ratio must be in [0, 1] (the cosine schedule's final lr as a fraction of"
+            f" --lr), got {args.min_lr_ratio}."
+        )
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data, test = _datasets(args)

@@ -175,3 +175,9 @@ def test_paired_difference_known_example_and_bad_input() -> None:
     assert p == pytest.approx(0.07417990022744853, rel=1e-6)
     with pytest.raises(laser_fx.ConfigError, match="equal-length"):
         experiment.paired_difference([1, 2], [1])
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_min_lr_ratio_outside_the_unit_interval_is_a_clear_error(ratio: float) -> None:
+    with pytest.raises(laser_fx.ConfigError, match="--min-lr-ratio must be in"):
+        train.run(_args(seeds=[0], schedule="cosine", min_lr_ratio=ratio), log=lambda s: None)
