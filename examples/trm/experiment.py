@@ -81,10 +81,11 @@ Longer (session 2, `train.py --task maze --size 7 --steps 1200 --lr 1e-3 --grad-
 (1200): unstable at a constant lr, so more steps alone do not reach 30%. 6x6 mazes are
 saturated instead: 93% exact after 100 steps, 100% at 500 (min path 6); with `--difficulty
 11`, 89% after 100, 100% at 500.
-Session 3, cosine decay to 0.1x lr after the warm-up (`--schedule cosine`), 7x7 maze, 1000
-steps, seed 0: lr 1e-3: 1.4% (200), 9.2% (400), 30% (600), 37% (800), 39.8% (1000); lr 2e-3:
-19.6% (1000). The same schedule hurt 6x6 Sudoku at 250 steps (3-11% exact, seeds 0-2), which
-keeps its constant lr.
+Session 3, cosine decay to 0.1x lr after the warm-up (`train.py --task maze --size 7 --mixer
+attn --steps 1000 --lr 1e-3 --grad-clip 1 --schedule cosine --no-laser --eval-every 200`),
+seed 0: 1.4% (200), 9.2% (400), 30% (600), 37% (800), 39.8% (1000); with `--lr 2e-3`: 19.6%
+(1000). The same schedule hurt 6x6 Sudoku (`--task sudoku --size 6 --steps 250 --lr 2e-3
+--schedule cosine --no-laser --seeds 0 1 2`): 3-11% exact, so Sudoku keeps its constant lr.
 Chosen: 6x6 Sudoku, 250 steps, constant lr; 7x7 maze, 1000 steps, cosine lr. (Session 2's
 7x7 maze at 600 constant-lr steps reached 16.2 +- 4.0%.) `--preset small` (4x4 Sudoku 175
 steps, 5x5 maze 80 steps, 6 seeds, done first): Sudoku exact 91.4 ± 5.0 (baseline) vs 90.4 ± 5.8 (LASER), p = 0.77; maze 92.4% for both arms in
