@@ -3,21 +3,23 @@
 Example::
 
     import laser_fx
-    cmodel = laser_fx.compress(model, sites="auto", example_inputs=(x,))
-    loss_fn(cmodel(x), y).backward()
-    print(laser_fx.report(cmodel))
+    laser_fx.compress(model, sites="auto", example_inputs=(x,))   # in place
+    loss_fn(model(x), y).backward()
+    print(laser_fx.report(model))
 """
 
 from __future__ import annotations
 
 from .analysis import Analysis, analyze
-from .api import Report, compress, is_compressed, report, strip
+from .api import Report, VerifyError, compress, is_compressed, report, strip
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError, TraceError
 from .memory import ActivationMemory, measure_activation_memory
-from .sites import Site, Use, find_sites
+from .probe import find_sites
+from .sites import Site, Use
 from .tracing import annotate, trace
-from .tracker import Packed, SubspaceTracker
+from .tracker import Packed, StorageStats, SubspaceTracker
+from .wrapper import SiteWrapper
 
 __all__ = [
     "ActivationMemory",
@@ -29,9 +31,12 @@ __all__ = [
     "Packed",
     "Report",
     "Site",
+    "SiteWrapper",
+    "StorageStats",
     "SubspaceTracker",
     "TraceError",
     "Use",
+    "VerifyError",
     "analyze",
     "annotate",
     "compress",

@@ -1,36 +1,155 @@
-"""The one-call API: `compress`, `report`, `strip`."""
+"""The one-call API: `compress` (in place), `strip`, `report`, `is_compressed`."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
 
 from .config import LaserConfig
-from .errors import ConfigError
-from .modules import BlockSite, LaserState, LinearSite
-from .passes import PassResult, run_passes
-from .passes.find_sites import find_sites_pass
-from .passes.insert_compression import STATE_NAME, insert_compression
-from .passes.plan import Plan, SiteSelector, plan_sites
-from .passes.verify import verify
-from .sites import _as_tuple, _propagate_shapes
-from .tracing import trace
+from .errors import ConfigError, LaserFxError, NoSitesError
+from .mechanisms import Mechanism, choose
+from .probe import Probe, _as_tuple, probe, run_model
+from .sites import Site, SiteSelector, select
+from .wrapper import SiteWrapper, _StepHook
 
-__all__ = ["Report", "compress", "is_compressed", "report", "strip"]
+__all__ = ["Report", "VerifyError", "compress", "is_compressed", "report", "strip"]
 
-_ORIGINAL = "_laser_fx_uncompressed"
+#: attribute of a compressed model: sites left alone and why (shown by `report`)
+_SKIPPED = "_laser_fx_skipped"
 
 
-def is_compressed(module: nn.Module) -> bool:
-    """Whether ``module`` was returned by `compress`."""
-    return isinstance(getattr(module, STATE_NAME, None), LaserState)
+class VerifyError(LaserFxError):
+    """The compressed model does not compute what the original computes."""
+
+
+def _wrappers(model: nn.Module) -> list[SiteWrapper]:
+    return [m for m in model.modules() if isinstance(m, SiteWrapper)]
+
+
+def is_compressed(model: nn.Module) -> bool:
+    """Whether ``model`` holds modules swapped in by `compress`."""
+    return isinstance(model, nn.Module) and bool(_wrappers(model))
+
+
+@dataclass
+class _Plan:
+    chosen: list[tuple[Site, Mechanism, LaserConfig]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelector | None,
+          config: LaserConfig) -> _Plan:
+    sites = found.sites
+    if not sites:
+        raise NoSitesError(
+            f"No module or parameter of {type(model).__name__} is applied more than once in "
+            "the probe run on the example inputs, so there is no weight-shared (looped) site "
+            "to compress. laser_fx compresses looped / recursive models; check that the "
+            "example inputs make the model run its recursion."
+        )
+    names = [s.name for s in sites]
+    unused = [p for p in config.per_site if not any(re.fullmatch(p, n) for n in names)]
+    if unused:
+        raise ConfigError(
+            f"`per_site` pattern(s) {unused} match no site (re.fullmatch). Sites: {names}."
+        )
+    explicit = not (isinstance(spec, str) and spec == "auto")
+    chosen = select(sites, spec, "sites")
+    dropped = {s.name for s in select(sites, exclude, "exclude")}
+    plan = _Plan()
+    plan.skipped.update({n: "excluded" for n in names if n in dropped})
+    chosen = [s for s in chosen if s.name not in dropped]
+    if not explicit:  # nested sites run inside their block, which covers them
+        chosen = [s for s in chosen if s.block is None]
+    taken = {s.name for s in chosen}
+    for s in chosen:
+        if s.block is not None and s.block in taken:
+            plan.skipped[s.name] = f"covered by block {s.block}"
+        elif s.param is not None:
+            plan.skipped[s.name] = (
+                f"a parameter applied {s.num_uses} times inside one call of a "
+                f"{s.module_type} rather than by a module of its own; wrap the loop body in "
+                "an nn.Module (e.g. an RNN cell) to compress it"
+            )
+        elif s.grad_uses == 0:
+            plan.skipped[s.name] = "no call with grad enabled"
+        elif s.grad_uses == 1:
+            plan.skipped[s.name] = (
+                f"called {s.num_uses} times but only once with grad enabled: it keeps the "
+                "activations of one call, so there is nothing to compress across recursion steps"
+            )
+        else:
+            cfg = config.for_site(s.name)
+            plan.chosen.append((s, choose(s, cfg.mode), cfg))
+    if not plan.chosen:
+        hint = ""
+        if found.one_grad_call:
+            hint = (
+                f" Each of {found.one_grad_call} runs with grad once per forward (e.g. a "
+                "one-step gradient with the earlier recursion steps under torch.no_grad()), "
+                "so there is nothing to compress across recursion steps."
+            )
+        raise NoSitesError(
+            f"Nothing to compress in {type(model).__name__}: the sites were all left alone "
+            f"({plan.skipped}).{hint}"
+        )
+    return plan
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> int:
+    """Put ``new`` wherever ``old`` is registered below ``root``; returns how many places."""
+    parents = [m for m in root.modules(remove_duplicate=False) if m is not new]
+    done = 0
+    for parent in parents:
+        for key, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[key] = new
+                done += 1
+    return done
+
+
+def _tensors_of(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    if depth > 6:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj)
+                for t in _tensors_of(getattr(obj, f.name, None), depth + 1)]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors_of(v, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_of(v, depth + 1)]
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+
+
+def _verify(model: nn.Module, want: Any, args: tuple, kwargs: dict) -> None:
+    got = run_model(model, args, kwargs)
+    a, b = _tensors_of(want), _tensors_of(got)
+    if len(a) != len(b):
+        raise VerifyError(
+            f"The compressed {type(model).__name__} returned {len(b)} tensors where the original "
+            f"returned {len(a)}."
+        )
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        try:
+            torch.testing.assert_close(y.detach(), x, equal_nan=True)
+        except AssertionError as e:
+            raise VerifyError(
+                f"Output tensor {i} of the compressed {type(model).__name__} differs from the "
+                f"original's on the example inputs: {e}. Compression must not change the "
+                "forward; if the model keeps Python state between calls (a counter attribute, "
+                "a cache), the two check runs may differ for that reason. Otherwise please "
+                "report this with the model."
+            ) from e
 
 
 def compress(
@@ -41,46 +160,48 @@ def compress(
     example_inputs: Sequence[Any] | torch.Tensor = (),
     example_kwargs: dict[str, Any] | None = None,
     exclude: SiteSelector | None = None,
-) -> GraphModule:
-    """Return ``model`` as a graph module whose weight-shared sites store activations low-rank.
+) -> nn.Module:
+    """Compress the weight-shared blocks of ``model`` IN PLACE; returns ``model`` itself.
 
-    The result takes the same arguments and returns the same outputs; only what autograd keeps
-    for backward at the chosen sites changes. Parameters (and buffers) are SHARED with
-    ``model``, which is not modified: an optimizer built on either trains both. For an
-    independent copy, compress ``copy.deepcopy(model)``.
+    One eager probe run on the example inputs finds the modules the forward calls 2+ times
+    with grad (`find_sites`); each selected one is replaced, wherever it is registered, by a
+    `SiteWrapper` that applies the site's mechanism to its grad-enabled calls. The model
+    keeps its class, methods, attributes, Python control flow, train/eval behaviour,
+    parameters (the same objects) and ``state_dict`` keys. A second run checks that the
+    compressed forward returns what the original returned. For a separate compressed copy,
+    compress ``copy.deepcopy(model)``; `strip` puts the original modules back.
 
     Args:
-        model: the looped / recursive model.
-        sites: ``"auto"`` (every site), a list of site names (see `find_sites`), a regex
-            matched with ``re.fullmatch``, or a callable ``Site -> bool``.
+        model: the looped / recursive model, in the mode it is trained in.
+        sites: ``"auto"`` (every top-level shared block), a list of site names (module
+            paths, see `find_sites`), a regex matched with ``re.fullmatch``, or a callable
+            ``Site -> bool``.
         config: `LaserConfig` (default ``LaserConfig()``); ``per_site`` overrides per regex.
-        example_inputs: positional example inputs. With them, the capture and the compressed
-            forward are checked against ``model``; a model plain fx cannot trace (Hugging Face
-            transformers) is captured by ``torch.export``.
-        example_kwargs: keyword example inputs.
+        example_inputs: positional inputs, exactly as the training loop passes them.
+        example_kwargs: keyword inputs.
         exclude: sites to leave alone, in the same forms as ``sites``.
 
     Returns:
-        The compressed ``GraphModule``; its LASER state (trackers, as buffers) is
-        ``cmodel.laser_fx``.
+        ``model``, modified in place.
 
     Raises:
-        NoSitesError: no weight-shared site, or every selected site was left alone.
-        ConfigError: invalid config or selector; ``model`` already compressed.
-        TraceError: the model could not be captured faithfully.
+        NoSitesError: no weight-shared site, or every selected site was left alone (the
+            message says why each was).
+        ConfigError: invalid config, selector or example inputs; ``model`` already compressed.
+        VerifyError: the compressed forward differs from the original's.
 
     Example::
 
-        cmodel = laser_fx.compress(model, sites="auto", example_inputs=(x,))
-        loss_fn(cmodel(x), y).backward()
-        print(laser_fx.report(cmodel))
+        model = laser_fx.compress(model, example_inputs=(x,))
+        loss_fn(model(x), y).backward()
+        print(laser_fx.report(model))
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compress expects an nn.Module, got {type(model).__name__}.")
     if is_compressed(model):
         raise ConfigError(
-            "This model is already compressed by laser_fx. Compress the original model, or "
-            "call laser_fx.strip(cmodel) first to get the uncompressed one."
+            f"This {type(model).__name__} is already compressed by laser_fx. Call "
+            "laser_fx.strip(model) first to put the original modules back."
         )
     config = LaserConfig() if config is None else config
     if not isinstance(config, LaserConfig):
@@ -91,64 +212,61 @@ def compress(
             f"`example_kwargs`, e.g. example_kwargs={{{', '.join(map(repr, example_inputs))}: ...}}."
         )
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
-    if args or kwargs:
-        try:
-            inspect.signature(model.forward).bind(*args, **kwargs)
-        except TypeError as e:
-            raise ConfigError(
-                f"example_inputs/example_kwargs do not match {type(model).__name__}.forward"
-                f"{inspect.signature(model.forward)}: {e}. Pass example_inputs (and "
-                "example_kwargs) exactly as the model is called."
-            ) from e
-    gm = trace(model, args, kwargs or None)
-    if args or kwargs:
-        _propagate_shapes(gm, args, kwargs)
-    # Kept for `strip`: the same graph before the rewrite, sharing every parameter.
-    uncompressed = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    found: dict[str, Any] = {}
-
-    def find_sites(g: GraphModule) -> PassResult:
-        res = find_sites_pass(g)
-        found["sites"] = res.record
-        return res
-
-    def plan(g: GraphModule) -> PassResult:
-        res = plan_sites(g, found["sites"], sites, exclude, config)
-        found["plan"] = res.record
-        return res
-
-    def insert(g: GraphModule) -> PassResult:
-        return insert_compression(g, found["plan"])
-
-    def check(g: GraphModule) -> PassResult:
-        return verify(g, uncompressed, args, kwargs)
-
-    gm, _ = run_passes(gm, [find_sites, plan, insert, check])
-    # Kept on the state module (an ordinary nn.Module), not on the GraphModule, whose
-    # deepcopy keeps only a fixed set of attributes. Unregistered: it shares every tensor.
-    object.__setattr__(gm.laser_fx, _ORIGINAL, uncompressed)
-    gm.laser_fx.skipped = dict(found["plan"].skipped)
-    return gm
-
-
-def strip(cmodel: nn.Module) -> GraphModule:
-    """The uncompressed model behind ``cmodel``; it shares every parameter with ``cmodel``."""
-    if not is_compressed(cmodel):
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
         raise ConfigError(
-            f"strip expects a module returned by laser_fx.compress, got {type(cmodel).__name__}."
-        )
-    original = getattr(cmodel, STATE_NAME).__dict__.get(_ORIGINAL)
-    if original is None:
+            f"example_inputs/example_kwargs do not match {type(model).__name__}.forward"
+            f"{inspect.signature(model.forward)}: {e}. compress finds the shared blocks by "
+            "running the model once: pass example_inputs (and example_kwargs) exactly as the "
+            "training loop calls the model."
+        ) from e
+    found = probe(model, args, kwargs)
+    plan = _plan(found, model, sites, exclude, config)
+    for site, mechanism, cfg in plan.chosen:
+        module = found.modules[site.name]
+        _replace(model, module, SiteWrapper(module, site, mechanism, cfg))
+    model.register_forward_pre_hook(_StepHook())
+    object.__setattr__(model, _SKIPPED, dict(plan.skipped))
+    try:
+        _verify(model, found.outputs, args, kwargs)
+    except BaseException:
+        strip(model)
+        raise
+    finally:
+        for w in _wrappers(model):
+            w.reset()  # the check's bases are not the first step's
+    return model
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Put the original modules of a compressed ``model`` back, in place; returns ``model``.
+
+    The modules are the very objects `compress` found (same parameters, same state).
+    """
+    wrappers = _wrappers(model) if isinstance(model, nn.Module) else []
+    if not wrappers:
         raise ConfigError(
-            "This compressed module has lost its uncompressed graph (it was rebuilt outside "
-            "laser_fx); compress the original model again instead."
+            f"strip expects a model compressed by laser_fx.compress, got "
+            f"{type(model).__name__} without compressed sites."
         )
-    return original
+    for w in wrappers:
+        _replace(model, w, w.wrapped)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _StepHook):
+            del model._forward_pre_hooks[key]
+    model.__dict__.pop(_SKIPPED, None)
+    return model
 
 
 @dataclass
 class Report:
-    """Per-site state of a compressed model; ``str()`` is a table, `to_dict` is JSON-able."""
+    """Per-site state of a compressed model; ``str()`` is a table, `to_dict` is JSON-able.
+
+    ``stored_bytes`` is what the site's compressed calls of the last training step kept for
+    backward; ``dense_bytes`` what the same calls would have kept uncompressed. Both are
+    measured as the calls run (saved-tensor hooks), not estimated.
+    """
 
     sites: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -169,29 +287,34 @@ class Report:
                 "skipped": dict(self.skipped)}
 
     def __str__(self) -> str:
-        head = ("site", "mechanism", "uses", "grad", "width", "rank", "fidelity", "resets",
-                "stored", "dense")
+        head = ("site", "mechanism", "calls", "grad", "width", "rank", "fidelity", "resets",
+                "kept", "uncompressed", "ratio")
         rows = [head]
         for s in self.sites:
             fid = "-" if s["fidelity"] is None else f"{s['fidelity']:.4f}"
+            ratio = f"{s['stored_bytes'] / s['dense_bytes']:.3f}x" if s["dense_bytes"] else "-"
             rows.append((s["name"], s["mechanism"], str(s["uses"]), str(s["grad_uses"]),
-                         "/".join(map(str, s.get("widths") or [s["width"]])), str(s["rank"]), fid, str(s["resets"]),
-                         _fmt_bytes(s["stored_bytes"]), _fmt_bytes(s["dense_bytes"])))
+                         "/".join(map(str, s["widths"])), str(s["rank"]), fid, str(s["resets"]),
+                         _fmt_bytes(s["stored_bytes"]), _fmt_bytes(s["dense_bytes"]), ratio))
         t = self.totals()
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}x"
         rows.append(("total", "", "", "", "", "", "", str(t["resets"]),
-                     _fmt_bytes(t["stored_bytes"]), _fmt_bytes(t["dense_bytes"])))
+                     _fmt_bytes(t["stored_bytes"]), _fmt_bytes(t["dense_bytes"]), ratio))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"stored/dense (last training step): {ratio}; "
-                     f"non-finite calls: {t['nonfinite']}")
+        lines.append(
+            f"kept for backward by the compressed calls of the last training step: "
+            f"{_fmt_bytes(t['stored_bytes'])} of {_fmt_bytes(t['dense_bytes'])} uncompressed "
+            f"({ratio}); non-finite calls: {t['nonfinite']}"
+        )
         for name, why in self.skipped.items():
             lines.append(f"left alone: {name}: {why}")
         return "\n".join(lines)
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -199,50 +322,20 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def _site_row(module: LinearSite | BlockSite) -> dict[str, Any]:
-    site = module.site
-    trackers = module.tracker_list()
-    stats = [t.stats() for t in trackers]
-    if isinstance(module, BlockSite):
-        st = module.last_stats
-        stored, dense = st.total_stored_bytes, st.seen_bytes
-    else:  # coefficients of this step, plus the basis they refer to
-        (trk,), (st,) = trackers, stats
-        compressed = st["stored_bytes"] < st["dense_bytes"]
-        stored = st["stored_bytes"] + (trk.basis.numel() * trk.basis.element_size() if compressed else 0)
-        dense = st["dense_bytes"]
-    return {
-        "name": site.name,
-        "mechanism": module.mechanism,
-        "uses": site.num_uses,
-        "grad_uses": site.grad_uses,
-        "width": site.width,
-        "widths": list(site.widths) or [site.width],
-        "rank": max((s["rank"] for s in stats), default=0),
-        "ranks": [s["rank"] for s in stats],
-        "fidelity": min((s["last_fidelity"] for s in stats), default=None),
-        "min_fidelity": min((s["min_fidelity"] for s in stats), default=None),
-        "resets": sum(s["resets"] for s in stats),
-        "calls": sum(s["calls"] for s in stats),
-        "nonfinite": sum(s["nonfinite"] for s in stats),
-        "stored_bytes": int(stored),
-        "dense_bytes": int(dense),
-    }
-
-
-def report(cmodel: nn.Module) -> Report:
-    """Per-site ranks, fidelity, resets and stored vs dense bytes of the last training step.
+def report(model: nn.Module) -> Report:
+    """Per-site mechanism, ranks, fidelity, resets, and bytes kept vs uncompressed.
 
     Example::
 
-        r = laser_fx.report(cmodel)
+        r = laser_fx.report(model)
         print(r)                      # a table
-        r.to_dict()["sites"][0]       # {"name": ..., "rank": ..., "stored_bytes": ...}
+        r.to_dict()["sites"][0]       # {"name": "net", "rank": ..., "stored_bytes": ...}
     """
-    if not is_compressed(cmodel):
+    wrappers = _wrappers(model) if isinstance(model, nn.Module) else []
+    if not wrappers:
         raise ConfigError(
-            f"report expects a module returned by laser_fx.compress, got {type(cmodel).__name__}."
+            f"report expects a model compressed by laser_fx.compress, got "
+            f"{type(model).__name__} without compressed sites."
         )
-    state: LaserState = getattr(cmodel, STATE_NAME)
-    rows = [_site_row(m) for m in state.sites.values()]
-    return Report(rows, dict(getattr(state, "skipped", {})))
+    rows = [w.mechanism.row(w) for w in wrappers]
+    return Report(rows, dict(model.__dict__.get(_SKIPPED, {})))

@@ -123,10 +123,11 @@ def _own_bytes(t: torch.Tensor) -> int:
 
 def measure_activation_memory(
     model: nn.Module | Callable[..., Any],
-    inputs: Sequence[Any] | torch.Tensor,
+    inputs: Sequence[Any] | torch.Tensor = (),
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
     backward: bool = True,
+    kwargs: dict[str, Any] | None = None,
 ) -> ActivationMemory:
     """Measure the bytes a training step keeps alive for backward, and its peak.
 
@@ -142,6 +143,7 @@ def measure_activation_memory(
             that require grad, or of all float outputs when none does).
         backward: also run backward (needed for the peak; parameter ``.grad`` is written,
             accumulated into existing gradients).
+        kwargs: keyword inputs of the model (``input_ids=..., attention_mask=...``).
 
     Returns:
         `ActivationMemory` with ``after_forward`` (activation bytes) and ``peak``.
@@ -153,7 +155,8 @@ def measure_activation_memory(
     Example::
 
         base = measure_activation_memory(model, (x,))
-        comp = measure_activation_memory(laser_fx.compress(model, example_inputs=(x,)), (x,))
+        laser_fx.compress(model, example_inputs=(x,))           # in place
+        comp = measure_activation_memory(model, (x,))
         print(comp.ratio_to(base))
     """
     if not callable(model):
@@ -171,9 +174,12 @@ def measure_activation_memory(
             f"`inputs` must be a tensor or a tuple of positional inputs, got "
             f"{type(inputs).__name__}."
         )
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError(f"`kwargs` must be a dict of keyword inputs, got {type(kwargs).__name__}.")
+    kwargs = dict(kwargs or {})
     tracker = _StorageTracker()
     with tracker:
-        out = model(*args)
+        out = model(*args, **kwargs)
         if loss_fn is None:
             loss = _check_loss(_default_loss(out), custom=False)
         else:

@@ -1,145 +1,133 @@
-"""`find_sites`: the public face of the site analysis (`passes.find_sites`)."""
+"""What a site is (`Site`, `Use`) and how users select sites (`select`).
+
+A leaf module: the probe (`laser_fx.probe`) fills these types in, `compress`, `report` and
+`analyze` read them.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import torch
-from torch import nn
-from torch.fx import GraphModule, Interpreter, Node
-from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
-from torch.utils import _pytree as pytree
+from .errors import ConfigError
 
-from .errors import ConfigError, TraceError
-from .passes.find_sites import _WRAP_GRAD, Site, Use, find_sites_pass
-from .tracing import annotate, trace
+__all__ = ["Site", "SiteSelector", "Use", "select"]
 
-__all__ = ["Site", "Use", "find_sites"]
+#: ``"auto"``, a list of site names, a regex (``re.fullmatch``) or a callable ``Site -> bool``
+SiteSelector = str | Sequence[str] | Callable[["Site"], bool]
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs or ())
+@dataclass(frozen=True)
+class Use:
+    """One call of a site: one recursion step.
 
-
-class _ShapeRecorder(Interpreter):
-    """Runs the graph once and writes each node's output ``tensor_meta`` (as `ShapeProp` does).
-
-    Unlike `ShapeProp` it also steps into the ``wrap_with_set_grad_enabled`` submodules of an
-    exported graph, whose nodes carry only symbolic ``val`` sizes, under the grad mode the
-    region sets.
+    Attributes:
+        step: position among the site's uses, in execution order.
+        node: ``"<site>@<call index>"``.
+        grad_enabled: whether the call ran with grad enabled (only those keep activations).
+        call_index: index of the call among the module's calls (for parameter sites, among
+            the op applications inside one call of the owning module).
+        shape: shape of the call's first floating tensor input (the activation).
+        nbytes: bytes autograd saved for backward during this call, measured in the probe
+            run (None for calls without grad).
     """
 
-    def run_node(self, n: Node) -> Any:
-        result = super().run_node(n)
-        found = False
-
-        def extract(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor) and obj.layout is torch.strided:
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, extract)
-        if found:
-            n.meta["tensor_meta"] = meta
-        return result
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if _WRAP_GRAD is not None and target is _WRAP_GRAD:
-            mode, sub, *operands = args
-            with torch.set_grad_enabled(bool(mode)):
-                return _ShapeRecorder(sub).run(*operands, enable_io_processing=False)
-        return super().call_function(target, args, kwargs)
+    step: int
+    node: str
+    grad_enabled: bool
+    call_index: int = -1
+    shape: tuple[int, ...] | None = None
+    nbytes: int | None = None
 
 
-def _propagate_shapes(gm: GraphModule, args: tuple, kwargs: dict) -> None:
-    """Record the activation shape of every node of ``gm`` on the example inputs.
+@dataclass(frozen=True)
+class Site:
+    """A weight-shared site: a module called 2+ times in one forward, or a parameter that
+    one call of a module applies 2+ times (``X @ W`` in a Python loop).
 
-    The graph runs once under ``no_grad`` (regions the model switches to grad mode still
-    switch); the caller's RNG and the module's buffers (BatchNorm statistics) are restored
-    afterwards, so the analysis has no side effect on the model.
-
-    Args:
-        gm: a graph module from `laser_fx.trace` (fx or export).
-        args: positional example inputs.
-        kwargs: keyword example inputs.
+    Attributes:
+        name: module path (``net``, ``model.inner.L_level``), or the parameter's path for a
+            parameter site. Unique: a module path names one module.
+        kind: ``"module"`` (a block of layers), ``"linear"``, ``"conv"``, ``"rnn_cell"``
+            (a shared module of that type), or ``"matmul"`` / ``"linear"`` with ``param``
+            set (a parameter applied by ops inside one module call).
+        width: the largest feature width among ``widths``.
+        uses: every call, in execution order.
+        param: qualified name of the parameter (parameter sites only).
+        widths: feature widths of the inputs and of the linear / conv ops inside the site.
+        block: name of the enclosing module site, when this one runs inside it.
+        module_type: class name of the module (of the owner, for a parameter site).
+        conv_widths: the subset of ``widths`` that are convolution channel counts (their
+            activations keep the features on axis 1).
     """
-    try:
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise ConfigError(
-            f"Example inputs do not match the traced forward{inspect.signature(gm.forward)}: "
-            f"{e}. Pass the same inputs the model is called with."
-        ) from e
-    # The graph's placeholders follow the forward's parameters in order.
-    bound.apply_defaults()
-    flat = pytree.tree_leaves((args, kwargs))
-    devices = sorted({
-        t.device.index or 0 for t in flat if isinstance(t, torch.Tensor) and t.is_cuda
-    })
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            _ShapeRecorder(gm).run(*bound.arguments.values())
-    except Exception as e:
-        raise TraceError(
-            f"Running the captured {type(gm).__name__} on the example inputs failed while "
-            f"recording activation shapes: {type(e).__name__}: {e}. Check that the example "
-            "inputs are the ones the model is called with."
-        ) from e
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
 
+    name: str
+    kind: str
+    width: int
+    uses: tuple[Use, ...]
+    param: str | None = None
+    widths: tuple[int, ...] = ()
+    block: str | None = None
+    module_type: str = ""
+    conv_widths: tuple[int, ...] = ()
 
-def find_sites(
-    model_or_gm: nn.Module,
-    example_inputs: Sequence[Any] | torch.Tensor = (),
-    example_kwargs: dict[str, Any] | None = None,
-) -> list[Site]:
-    """List the weight-shared (looped) sites of a model.
+    @property
+    def num_uses(self) -> int:
+        return len(self.uses)
 
-    A site is a parameterized op (linear, ``X @ W`` with a parameter ``W`` on the right,
-    conv) applied two or more times by the same module, or a module called two or more times
-    (``kind="module"``, the recursive block). Each `Site` lists its uses in execution order
-    (the recursion step) and whether each ran with grad enabled. Not sites: a matrix tied
-    between two modules that apply it once each (embedding and lm_head), and ``W @ X`` (the
-    ``X`` it saves has the width on its first axis; trackers compress along the last).
+    @property
+    def grad_uses(self) -> int:
+        return sum(u.grad_enabled for u in self.uses)
 
-    Args:
-        model_or_gm: an ``nn.Module`` (traced with `laser_fx.trace`) or a ``GraphModule``
-            from `laser_fx.trace` (fx or export), analysed in place (``node.meta``).
-        example_inputs: positional example inputs; with them, per-use activation shapes and
-            bytes are filled in (the graph runs once, without side effects on RNG or
-            buffers), and a model plain fx cannot trace is captured by export. Without them
-            shapes are None, except those a graph module already recorded.
-        example_kwargs: keyword example inputs.
+    @property
+    def nograd_uses(self) -> int:
+        return len(self.uses) - self.grad_uses
 
-    Returns:
-        Op sites in order of first use, then module sites.
+    @property
+    def activation_bytes(self) -> int | None:
+        """Bytes autograd saved in the grad-enabled uses (None when unknown)."""
+        sizes = [u.nbytes for u in self.uses if u.grad_enabled]
+        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
 
-    Example::
-
-        for site in laser_fx.find_sites(model, (tokens,)):
-            print(site)          # net.blocks.0.mlp.gate (linear, width 128): 21 uses, 7 with grad
-    """
-    args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
-    if isinstance(model_or_gm, GraphModule):
-        gm = model_or_gm
-        annotate(gm)
-    elif isinstance(model_or_gm, nn.Module):
-        gm = trace(model_or_gm, args, kwargs or None)
-    else:
-        raise TraceError(
-            f"find_sites expects an nn.Module or a GraphModule, got {type(model_or_gm).__name__}."
+    def __str__(self) -> str:
+        what = self.module_type or self.kind
+        return (
+            f"{self.name} ({what}, width {self.width}): {self.num_uses} uses, "
+            f"{self.grad_uses} with grad"
         )
-    if args or kwargs:
-        _propagate_shapes(gm, args, kwargs)
-    return find_sites_pass(gm).record
+
+
+def select(sites: list[Site], spec: SiteSelector | None, what: str) -> list[Site]:
+    """Sites matching ``spec`` (``"auto"``, names, a regex, or a callable).
+
+    Raises:
+        ConfigError: a name or regex matches nothing, or ``spec`` has another type.
+    """
+    names = [s.name for s in sites]
+    if spec is None:
+        return []
+    if isinstance(spec, str) and spec == "auto":
+        return list(sites)
+    if callable(spec) and not isinstance(spec, str):
+        return [s for s in sites if spec(s)]
+    if isinstance(spec, str):
+        try:
+            rx = re.compile(spec)
+        except re.error as e:
+            raise ConfigError(f"`{what}` regex {spec!r} is invalid: {e}.") from e
+        hit = [s for s in sites if rx.fullmatch(s.name)]
+        if not hit:
+            raise ConfigError(
+                f"`{what}` regex {spec!r} matches no site (re.fullmatch). Sites: {names}."
+            )
+        return hit
+    if isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec):
+        unknown = [n for n in spec if n not in names]
+        if unknown:
+            raise ConfigError(f"`{what}` names no site called {unknown}. Sites: {names}.")
+        return [s for s in sites if s.name in spec]
+    raise ConfigError(
+        f"`{what}` must be 'auto', a list of site names, a regex string or a callable "
+        f"Site -> bool, got {type(spec).__name__}."
+    )

@@ -26,7 +26,9 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, TraceError
 from .export_capture import _chain, _is_data_dependent, _trace_export
-from .passes import META_KEY
+
+#: key of laser_fx's per-node annotations in ``node.meta``
+META_KEY = "laser_fx"
 
 __all__ = ["METHODS", "annotate", "trace"]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 from .config import LaserConfig
 from .errors import ConfigError
 
-__all__ = ["Packed", "SubspaceTracker"]
+__all__ = ["Packed", "StorageStats", "SubspaceTracker"]
 
 #: exact SVD below this many rows or columns; randomized subspace iteration above.
 _EXACT_MAX = 256
@@ -436,3 +438,73 @@ class SubspaceTracker(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
+
+
+def _nbytes(obj: object) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    return int(getattr(obj, "nbytes", 0) or 0)
+
+
+@dataclass
+class StorageStats:
+    """Byte accounting of what compressed calls kept for backward (one training step).
+
+    Attributes:
+        uncompressed_bytes: what the same calls would have kept uncompressed (distinct
+            saved tensors, parameters excluded), measured by saved-tensor hooks as they ran.
+        seen_bytes: dense bytes of every distinct tensor the compressed calls saved.
+        dense_bytes: dense bytes of the saved tensors routed to a tracker.
+        stored_bytes: bytes of what the trackers returned for them (`Packed.nbytes`).
+        passthrough_bytes: bytes of saved tensors kept as they are (parameters excluded).
+        packed: number of tensors routed to a tracker; ``deduped``: saves served by an
+            earlier pack of the same tensor.
+        calls: compressed calls counted.
+    """
+
+    uncompressed_bytes: int = 0
+    seen_bytes: int = 0
+    dense_bytes: int = 0
+    stored_bytes: int = 0
+    passthrough_bytes: int = 0
+    packed: int = 0
+    deduped: int = 0
+    calls: int = 0
+    # Distinct basis versions referenced by the packs, by identity; kept alive while the
+    # stats object lives so that ids are not reused.
+    _bases: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def basis_bytes(self) -> int:
+        """Bytes of the distinct bases the packs refer to."""
+        return sum(_nbytes(b) for b in self._bases.values())
+
+    @property
+    def total_stored_bytes(self) -> int:
+        """Everything kept: packs, their bases, and the tensors kept as they are."""
+        return self.stored_bytes + self.basis_bytes + self.passthrough_bytes
+
+    def add_packed(self, dense: Tensor, packed: Any) -> None:
+        """Record that `dense` was stored as `packed`."""
+        self.seen_bytes += _nbytes(dense)
+        self.dense_bytes += _nbytes(dense)
+        self.stored_bytes += _nbytes(packed)
+        self.packed += 1
+        basis = getattr(packed, "basis", None)
+        if basis is not None and not getattr(packed, "is_dense", False):
+            self._bases.setdefault(id(basis), basis)
+
+    def add_passthrough(self, t: Tensor) -> None:
+        """Record a saved tensor kept as it is (parameters are not activations: skipped)."""
+        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+            return
+        self.seen_bytes += _nbytes(t)
+        self.passthrough_bytes += _nbytes(t)
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain-dict view (for reports)."""
+        keys = ("uncompressed_bytes", "seen_bytes", "dense_bytes", "stored_bytes",
+                "passthrough_bytes", "packed", "deduped", "calls")
+        out = {k: getattr(self, k) for k in keys}
+        out.update(basis_bytes=self.basis_bytes, total_stored_bytes=self.total_stored_bytes)
+        return out

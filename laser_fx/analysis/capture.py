@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..passes.plan import SiteSelector, select
-from ..sites import Site, _as_tuple, find_sites
+from ..probe import _as_tuple, find_sites
+from ..sites import Site, SiteSelector, select
 
 __all__ = ["Capture", "capture_activations"]
 

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from ..config import LaserConfig
 from ..errors import ConfigError
-from ..passes.plan import SiteSelector
-from ..sites import _as_tuple
+from ..probe import _as_tuple
+from ..sites import SiteSelector
 from .capture import Capture, capture_activations
 from .report import Analysis, SiteAnalysis
 from .spectra import (

@@ -10,13 +10,12 @@ Three mechanisms, selectable per site (`LaserConfig.mode`):
 
 from __future__ import annotations
 
-from .checkpoint import StorageStats, compressed_checkpoint, is_recomputing
+from .checkpoint import compressed_checkpoint, is_recomputing
 from .linear import compressed_linear
 from .region import CompressedRegion, compressed_region
 
 __all__ = [
     "CompressedRegion",
-    "StorageStats",
     "compressed_checkpoint",
     "compressed_linear",
     "compressed_region",

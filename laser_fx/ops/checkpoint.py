@@ -3,24 +3,38 @@
 The forward runs the block on the exact inputs (so its output is bitwise the uncompressed
 one); autograd keeps only the inputs, each packed by a `SubspaceTracker`; backward rebuilds
 the inputs from the packs, re-runs the block with grad enabled (RNG and autocast state as in
-the forward) and backpropagates into the inputs and the block's parameters.
+the forward, buffers such as BatchNorm statistics put back afterwards) and backpropagates
+into the inputs and the block's parameters.
+
+Safety, at least as strict as ``torch.utils.checkpoint``:
+
+* the forward runs with grad enabled under saved-tensor hooks that keep nothing, so an
+  output the block returns detached (or that depends on no input requiring grad) comes back
+  without a ``grad_fn``, exactly as from the plain block; the same hooks measure the bytes
+  the uncompressed call would have kept (`StorageStats.uncompressed_bytes`);
+* an input or a parameter modified in place between forward and backward raises in backward
+  (version counters), instead of giving gradients at the new values;
+* the re-run does not update buffers a second time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._isolated import cuda_devices, restore_buffers
 from ..errors import ConfigError, LaserFxError
+from ..tracker import StorageStats
 
-__all__ = ["StorageStats", "compressed_checkpoint", "is_recomputing"]
+__all__ = ["compressed_checkpoint", "is_recomputing"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _local = threading.local()
@@ -44,119 +58,40 @@ def _recomputing() -> Iterator[None]:
         _local.depth -= 1
 
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    return int(getattr(obj, "nbytes", 0) or 0)
-
-
-@dataclass
-class StorageStats:
-    """Byte accounting of what a compressed op kept for backward.
-
-    Attributes:
-        seen_bytes: dense bytes of every distinct saved tensor (parameters excluded).
-        dense_bytes: dense bytes of the saved tensors routed to a tracker.
-        stored_bytes: bytes of what the trackers returned for them (`Packed.nbytes`).
-        passthrough_bytes: bytes of saved tensors kept as they are (parameters excluded).
-        packed: number of tensors routed to a tracker; ``deduped``: saves served by an
-            earlier pack of the same tensor.
-    """
-
-    seen_bytes: int = 0
-    dense_bytes: int = 0
-    stored_bytes: int = 0
-    passthrough_bytes: int = 0
-    packed: int = 0
-    deduped: int = 0
-    # Distinct basis versions referenced by the packs, by identity; kept alive while the
-    # stats object lives so that ids are not reused.
-    _bases: dict[int, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def basis_bytes(self) -> int:
-        """Bytes of the distinct bases the packs refer to."""
-        return sum(_nbytes(b) for b in self._bases.values())
-
-    @property
-    def total_stored_bytes(self) -> int:
-        """Everything kept: packs, their bases, and the tensors kept as they are."""
-        return self.stored_bytes + self.basis_bytes + self.passthrough_bytes
-
-    def add_packed(self, dense: torch.Tensor, packed: Any) -> None:
-        """Record that `dense` was stored as `packed`."""
-        self.seen_bytes += _nbytes(dense)
-        self.dense_bytes += _nbytes(dense)
-        self.stored_bytes += _nbytes(packed)
-        self.packed += 1
-        basis = getattr(packed, "basis", None)
-        if basis is not None:
-            self._bases.setdefault(id(basis), basis)
-
-    def add_passthrough(self, t: torch.Tensor) -> None:
-        """Record a saved tensor kept as it is (parameters are not activations: skipped)."""
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return
-        self.seen_bytes += _nbytes(t)
-        self.passthrough_bytes += _nbytes(t)
-
-    def to_dict(self) -> dict[str, int]:
-        """Plain-dict view (for reports)."""
-        keys = ("seen_bytes", "dense_bytes", "stored_bytes", "passthrough_bytes", "packed")
-        out = {k: getattr(self, k) for k in keys}
-        out.update(deduped=self.deduped, basis_bytes=self.basis_bytes)
-        return out
-
-
-def _resolve_trackers(trackers: Any, args: Sequence[Any]) -> list[Any]:
-    """One tracker (or None: keep exact) per positional argument."""
-    if hasattr(trackers, "compress") and hasattr(trackers, "width"):
-        trackers = {int(trackers.width): trackers}
-    if isinstance(trackers, (Mapping, nn.ModuleDict)):
-        by_width = {int(k): v for k, v in trackers.items()}
-        return [
-            by_width.get(a.shape[-1])
-            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.ndim >= 1
-            else None
-            for a in args
-        ]
-    if isinstance(trackers, (list, tuple, nn.ModuleList)):
-        if len(trackers) != len(args):
-            raise ConfigError(
-                f"`trackers` given by position has {len(trackers)} entries for {len(args)} "
-                "arguments; give one tracker (or None) per argument, or a {width: tracker} map."
-            )
-        out = list(trackers)
-        for i, (t, a) in enumerate(zip(out, args, strict=True)):
-            if t is None:
-                continue
-            if not isinstance(a, torch.Tensor) or a.shape[-1:] != (t.width,):
-                got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-                raise ConfigError(
-                    f"argument {i} has shape {got} but its tracker has width {t.width}; "
-                    "pass None for that position or a tracker of matching width."
-                )
-        return out
-    raise ConfigError(
-        "`trackers` must be a tracker, a sequence of trackers/None (by position) or a "
-        f"{{width: tracker}} mapping, got {type(trackers).__name__}."
-    )
-
-
-def _default_params(fn: Callable[..., Any]) -> list[torch.Tensor]:
-    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return [p for p in owner.parameters() if p.requires_grad]
-    return []
-
-
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
     return [
         (d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
     ]
 
 
-def _undeclared_leaves(roots: Iterable[torch.Tensor], allowed: set[int]) -> list[torch.Tensor]:
+def _is_weight(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
+def hidden_grad_tensors(obj: Any, path: str = "", depth: int = 0) -> list[str]:
+    """Paths of tensors requiring grad inside dataclasses (which pytree does not open).
+
+    A compressed checkpoint sees only the tensors pytree flattens out of its arguments; a
+    tensor that requires grad inside another container would lose its gradient silently.
+    """
+    if depth > 4:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [path] if obj.requires_grad else []
+    found: list[str] = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            found += hidden_grad_tensors(getattr(obj, f.name, None), f"{path}.{f.name}", depth + 1)
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            found += hidden_grad_tensors(v, f"{path}[{k!r}]", depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += hidden_grad_tensors(v, f"{path}[{i}]", depth + 1)
+    return found
+
+
+def _undeclared_leaves(roots: Sequence[torch.Tensor], allowed: set[int]) -> list[torch.Tensor]:
     """Leaves requiring grad that the re-run reaches but that are not Function inputs."""
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     seen: set[int] = set()
@@ -175,34 +110,65 @@ def _undeclared_leaves(roots: Iterable[torch.Tensor], allowed: set[int]) -> list
     return found
 
 
+class _Slot:
+    """How one tensor input is packed: its tracker and the axis holding the features."""
+
+    __slots__ = ("dim", "tracker")
+
+    def __init__(self, tracker: Any, dim: int) -> None:
+        self.tracker = tracker
+        self.dim = dim
+
+
 class _Run:
     """Everything about one call that is not a tensor input: kept on the autograd ctx."""
 
-    def __init__(self, fn, template, n_inputs, kwargs, params, stats, preserve_rng) -> None:
+    def __init__(self, fn, spec, template, n_inputs, params, stats, preserve_rng, name,
+                 buffer_modules) -> None:
         self.fn = fn
-        self.template = template  # positional args, tensors replaced by None
+        self.spec = spec  # pytree spec of (args, kwargs)
+        self.template = template  # flat leaves, tensors replaced by None
         self.n_inputs = n_inputs
-        self.kwargs = kwargs
         self.params = params
         self.stats = stats
-        self.devices: list[int] = []
+        self.name = name
+        self.buffer_modules = buffer_modules
         self.preserve_rng = preserve_rng
+        self.devices: list[int] = []
         self.cpu_rng: torch.Tensor | None = None
         self.cuda_rng: list[torch.Tensor] = []
         self.autocast = _autocast_state()
         self.out_spec: Any = None
         self.out_leaves: list[Any] = []
+        self.versions: list[tuple[str, weakref.ref, int]] = []
 
     def capture_rng(self, tensors: Sequence[torch.Tensor]) -> None:
         if not self.preserve_rng:
             return
         self.cpu_rng = torch.get_rng_state()
-        self.devices = sorted({t.get_device() for t in tensors if t.is_cuda})
+        self.devices = cuda_devices(tensors)
         self.cuda_rng = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def record_versions(self, inputs: Sequence[torch.Tensor]) -> None:
+        entries = [(f"input {i} of shape {tuple(t.shape)}", t) for i, t in enumerate(inputs)]
+        entries += [(f"parameter of shape {tuple(p.shape)}", p) for p in self.params]
+        self.versions = [(what, weakref.ref(t), t._version) for what, t in entries]
+
+    def check_versions(self) -> None:
+        for what, ref, version in self.versions:
+            t = ref()
+            if t is not None and t._version != version:
+                raise LaserFxError(
+                    f"The compressed checkpoint of {self.name} needs its {what} for backward, "
+                    f"but it was modified in place after the forward (version {version} -> "
+                    f"{t._version}); its gradients would be computed at the new values. Do "
+                    "the in-place update after backward (e.g. optimizer.step() after "
+                    "loss.backward()), or clone the tensor before modifying it."
+                )
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """RNG and autocast state of the forward, restored for the re-run only."""
+        """RNG and autocast state of the forward, buffers put back, for the re-run only."""
         with contextlib.ExitStack() as stack:
             if self.preserve_rng:
                 stack.enter_context(torch.random.fork_rng(devices=self.devices))
@@ -211,12 +177,33 @@ class _Run:
                     torch.cuda.set_rng_state(s, d)
             for device, dtype in self.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
+            stack.enter_context(restore_buffers(self.buffer_modules))
             yield
 
     def call(self, inputs: Sequence[torch.Tensor]) -> Any:
         it = iter(inputs)
-        args = [next(it) if a is None else a for a in self.template]
-        return self.fn(*args, **self.kwargs)
+        leaves = [next(it) if a is None else a for a in self.template]
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.fn(*args, **kwargs)
+
+
+def _drop_pack(stats: StorageStats | None) -> Callable[[torch.Tensor], None]:
+    """Pack hook of the forward: keeps nothing, counts what plain autograd would keep."""
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> None:
+        if stats is not None and not _is_weight(t):
+            key = id(t.untyped_storage())
+            if key not in seen:
+                seen.add(key)
+                stats.uncompressed_bytes += t.untyped_storage().nbytes()
+        return None
+
+    return pack
+
+
+def _never_unpack(_: None) -> torch.Tensor:
+    raise LaserFxError("internal: the forward pass of a compressed checkpoint kept no tensors.")
 
 
 class _CompressedCheckpoint(torch.autograd.Function):
@@ -227,25 +214,45 @@ class _CompressedCheckpoint(torch.autograd.Function):
         # Packed by the saved-tensor hooks installed around `apply`: the pack result, not the
         # input, is what autograd keeps, and it is freed with the graph.
         ctx.save_for_backward(*inputs)
-        out = run.call(inputs)  # grad is disabled here: no graph, exact inputs
+        # Run with grad enabled (keeping nothing) so that each output's requires_grad is what
+        # the plain block gives it: a detached output stays detached.
+        probe = [
+            t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex()
+            else t.detach()
+            for t in inputs
+        ]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+            _drop_pack(run.stats), _never_unpack
+        ):
+            out = run.call(probe)
         leaves, run.out_spec = tree_flatten(out)
         run.out_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-        return tuple(v for v in leaves if isinstance(v, torch.Tensor))
+        outs = [v for v in leaves if isinstance(v, torch.Tensor)]
+        ret = tuple(o.detach() for o in outs)
+        frozen = [r for r, o in zip(ret, outs, strict=True) if not o.requires_grad]
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        return ret
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        run: _Run = ctx.run
         if torch.is_grad_enabled():
             raise LaserFxError(
-                "compressed checkpoints do not support create_graph=True (double backward): "
-                "the block is re-run from a low-rank reconstruction of its inputs, so second "
-                "derivatives through it would be wrong. Exclude the block (`exclude=`), use "
-                "mode='region' for it, or call backward without create_graph."
+                f"The compressed checkpoint of {run.name} does not support create_graph=True "
+                "(double backward): the block is re-run from a low-rank reconstruction of its "
+                "inputs, so second derivatives through it would be wrong. Exclude the block "
+                "(`exclude=`), or call backward without create_graph."
             )
-        run: _Run = ctx.run
+        run.check_versions()
         saved = ctx.saved_tensors  # PyTorch's own error if the graph was already freed
         n = run.n_inputs
         needs = ctx.needs_input_grad[1:]
-        inputs = [s.detach().requires_grad_(bool(needs[i])) for i, s in enumerate(saved)]
+        inputs = [
+            s.detach().requires_grad_(bool(needs[i])) if s.is_floating_point() or s.is_complex()
+            else s.detach()
+            for i, s in enumerate(saved)
+        ]
         with _recomputing(), torch.enable_grad(), run.replay():
             out = run.call(inputs)
         outs = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
@@ -257,13 +264,14 @@ class _CompressedCheckpoint(torch.autograd.Function):
         every = inputs + list(run.params)
         result: list[torch.Tensor | None] = [None] * (n + len(run.params))
         if pairs and wrt_idx:
-            stray = _undeclared_leaves((o for o, _ in pairs), {id(t) for t in every})
+            stray = _undeclared_leaves([o for o, _ in pairs], {id(t) for t in every})
             if stray:
                 shapes = ", ".join(str(tuple(t.shape)) for t in stray)
                 raise LaserFxError(
-                    f"The checkpointed block reads tensors that require grad but were not "
-                    f"passed to compressed_checkpoint (shapes {shapes}); their gradients would "
-                    "be lost. Pass them with `params=[...]` or as positional inputs."
+                    f"The checkpointed block {run.name} reads tensors that require grad but "
+                    f"are neither its inputs nor its parameters (shapes {shapes}); their "
+                    "gradients would be lost. Pass them to the block as arguments, or with "
+                    "`params=[...]`."
                 )
             got = torch.autograd.grad(
                 [o for o, _ in pairs],
@@ -276,6 +284,47 @@ class _CompressedCheckpoint(torch.autograd.Function):
         return (None, *result)
 
 
+def _resolve_trackers(trackers: Any, tensors: Sequence[torch.Tensor]) -> list[Any]:
+    """One tracker (or None: keep exact) per tensor input."""
+    if callable(trackers) and not hasattr(trackers, "compress"):
+        return [trackers(i, t) for i, t in enumerate(tensors)]
+    if hasattr(trackers, "compress") and hasattr(trackers, "width"):
+        trackers = {int(trackers.width): trackers}
+    if isinstance(trackers, (Mapping, nn.ModuleDict)):
+        by_width = {int(k): v for k, v in trackers.items()}
+        return [
+            by_width.get(t.shape[-1]) if t.is_floating_point() and t.ndim >= 1 else None
+            for t in tensors
+        ]
+    if isinstance(trackers, (list, tuple, nn.ModuleList)):
+        if len(trackers) != len(tensors):
+            raise ConfigError(
+                f"`trackers` given by position has {len(trackers)} entries for {len(tensors)} "
+                "tensor inputs; give one tracker (or None) per tensor input (in the order "
+                "pytree flattens (args, kwargs)), or a {width: tracker} map."
+            )
+        out = list(trackers)
+        for i, (t, a) in enumerate(zip(out, tensors, strict=True)):
+            if t is not None and a.shape[-1:] != (t.width,):
+                raise ConfigError(
+                    f"tensor input {i} has shape {tuple(a.shape)} but its tracker has width "
+                    f"{t.width}; pass None for that position or a tracker of matching width."
+                )
+        return out
+    raise ConfigError(
+        "`trackers` must be a tracker, a sequence of trackers/None (one per tensor input), a "
+        f"{{width: tracker}} mapping or a callable (index, tensor) -> tracker, got "
+        f"{type(trackers).__name__}."
+    )
+
+
+def _default_params(fn: Callable[..., Any]) -> list[torch.Tensor]:
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [p for p in owner.parameters() if p.requires_grad]
+    return []
+
+
 def compressed_checkpoint(
     fn: Callable[..., Any],
     trackers: Any,
@@ -283,35 +332,45 @@ def compressed_checkpoint(
     params: Sequence[torch.Tensor] | None = None,
     preserve_rng_state: bool = True,
     stats: StorageStats | None = None,
+    feature_dims: Sequence[int] | None = None,
+    name: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call ``fn(*args, **kwargs)`` keeping only its inputs, low-rank, for backward.
 
-    The output equals ``fn(*args, **kwargs)`` bitwise (computed from the exact inputs).
-    Backward reconstructs the tensor inputs from their packs, re-runs ``fn`` with grad
-    enabled and the forward's RNG/autocast state, and returns gradients for the inputs and
-    for ``params``, so ``torch.autograd.grad(loss, params)`` works as well as ``.backward()``.
-    With grad disabled, or when no input nor parameter requires grad, this is a plain call.
-
-    Do not open a `compressed_region` inside ``fn``: the forward runs without grad and the
-    re-run in backward is never compressed (`is_recomputing`), so it would do nothing.
+    The output equals ``fn(*args, **kwargs)`` bitwise (computed from the exact inputs), and
+    each output tensor requires grad exactly when it does from ``fn`` itself. Backward
+    reconstructs the tensor inputs from their packs, re-runs ``fn`` with grad enabled and the
+    forward's RNG/autocast state (buffers of ``fn``, e.g. BatchNorm statistics, are put back
+    after the re-run), and returns gradients for the inputs and for ``params``, so
+    ``torch.autograd.grad(loss, params)`` works as well as ``.backward()``. With grad
+    disabled, or when no input nor parameter requires grad, this is a plain call.
 
     Args:
-        fn: the shared block (an ``nn.Module`` or any callable) applied to ``args``.
-        trackers: which tracker packs which input: one tracker (used for every floating
-            tensor argument of its width), a ``{width: tracker}`` mapping, or a sequence
-            with one tracker or None (kept exact) per positional argument.
-        *args: positional inputs of ``fn``; tensors become inputs of the autograd node,
-            anything else passes through.
+        fn: the shared block (an ``nn.Module`` or any callable) applied to the inputs.
+        trackers: which tracker packs which tensor input (the tensors pytree flattens out of
+            ``(args, kwargs)``, in order): one tracker (used for every floating tensor of
+            its width), a ``{width: tracker}`` mapping, a sequence with one tracker or None
+            (kept exact) per tensor input, or a callable ``(index, tensor) -> tracker | None``.
+        *args: positional inputs of ``fn`` (tensors in any pytree of lists, tuples, dicts).
         params: tensors ``fn`` reads that need gradients (default: the parameters that
             require grad of ``fn``, or of ``fn.__self__`` for a bound method). A tensor
             requiring grad that ``fn`` reads but that is not declared is an error in backward.
         preserve_rng_state: replay the forward's RNG state in the re-run (dropout).
-        stats: optional `StorageStats` to add this call's stored bytes to.
-        **kwargs: keyword arguments of ``fn``; they must not be tensors requiring grad.
+        stats: optional `StorageStats` to add this call's bytes to (kept and uncompressed).
+        feature_dims: per tensor input, the axis its tracker compresses along (default -1;
+            1 for channels-first convolution inputs).
+        name: how errors name the block (default: its class name).
+        **kwargs: keyword inputs of ``fn``.
 
     Returns:
         What ``fn`` returns (tensors in any pytree of lists, tuples and dicts).
+
+    Raises:
+        ConfigError: a tensor requiring grad hides in a dataclass argument (pytree does not
+            open dataclasses; its gradient would be lost).
+        LaserFxError: in backward, when an input or parameter was modified in place after
+            the forward, or ``fn`` reads an undeclared tensor requiring grad.
 
     Example::
 
@@ -320,44 +379,63 @@ def compressed_checkpoint(
     """
     if not callable(fn):
         raise ConfigError(f"`fn` must be callable, got {type(fn).__name__}.")
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            raise ConfigError(
-                f"keyword argument `{k}` is a tensor requiring grad; pass it positionally so "
-                "that it gets a gradient."
-            )
+    name = name or getattr(fn, "__name__", None) or type(fn).__name__
     declared = list(_default_params(fn) if params is None else params)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    leaves, spec = tree_flatten((args, kwargs))
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     wants_grad = any(t.requires_grad for t in tensors + declared)
     if not torch.is_grad_enabled() or not wants_grad or is_recomputing():
         return fn(*args, **kwargs)
-    per_arg = _resolve_trackers(trackers, args)
-    per_tensor = [t for a, t in zip(args, per_arg, strict=True) if isinstance(a, torch.Tensor)]
-    template = [None if isinstance(a, torch.Tensor) else a for a in args]
-    run = _Run(fn, template, len(tensors), kwargs, declared, stats, preserve_rng_state)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            hidden = hidden_grad_tensors(leaf)
+            if hidden:
+                raise ConfigError(
+                    f"An argument of {name} is a {type(leaf).__name__} holding tensors that "
+                    f"require grad ({', '.join('<arg>' + h for h in hidden)}); the compressed "
+                    "checkpoint cannot see inside it, so their gradients would be lost. Pass "
+                    "those tensors as arguments, or register the class with "
+                    "torch.utils._pytree.register_dataclass."
+                )
+    per_tensor = _resolve_trackers(trackers, tensors)
+    dims = list(feature_dims) if feature_dims is not None else [-1] * len(tensors)
+    if len(dims) != len(tensors):
+        raise ConfigError(
+            f"`feature_dims` has {len(dims)} entries for {len(tensors)} tensor inputs."
+        )
+    template = [None if isinstance(a, torch.Tensor) else a for a in leaves]
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    buffer_modules = list(owner.modules()) if isinstance(owner, nn.Module) else []
+    run = _Run(fn, spec, template, len(tensors), declared, stats, preserve_rng_state, name,
+               buffer_modules)
     run.capture_rng(tensors)
     # PyTorch packs a Function's saved tensors in `save_for_backward` order.
-    queue = list(per_tensor)
+    queue = [None if t is None else _Slot(t, d) for t, d in zip(per_tensor, dims, strict=True)]
 
     def pack(t: torch.Tensor) -> Any:
-        tracker = queue.pop(0) if queue else None
-        if tracker is None:
+        slot = queue.pop(0) if queue else None
+        if slot is None:
             if stats is not None:
                 stats.add_passthrough(t)
             return t
-        packed = tracker.compress(t)
+        moved = t if slot.dim in (-1, t.ndim - 1) else t.movedim(slot.dim, -1)
+        packed = slot.tracker.compress(moved)
         if stats is not None:
-            stats.add_packed(t, packed)
-        return (tracker, packed)
+            stats.add_packed(moved, packed)
+        return (slot, packed)
 
     def unpack(h: Any) -> torch.Tensor:
         if isinstance(h, torch.Tensor):
             return h
-        tracker, packed = h
-        return tracker.decompress(packed)
+        slot, packed = h
+        x = slot.tracker.decompress(packed)
+        return x if slot.dim in (-1, x.ndim - 1) else x.movedim(-1, slot.dim)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         flat = _CompressedCheckpoint.apply(run, *tensors, *declared)
+    run.record_versions(tensors)
+    if stats is not None:
+        stats.calls += 1
     it = iter(flat)
-    leaves = [next(it) if v is None else v for v in run.out_leaves]
-    return tree_unflatten(leaves, run.out_spec)
+    out_leaves = [next(it) if v is None else v for v in run.out_leaves]
+    return tree_unflatten(out_leaves, run.out_spec)

@@ -25,23 +25,57 @@ import torch
 from torch import nn
 
 from ..config import LaserConfig
-from ..errors import ConfigError
-from .checkpoint import StorageStats, is_recomputing
+from ..errors import ConfigError, LaserFxError
+from ..tracker import StorageStats
+from .checkpoint import is_recomputing
 
 __all__ = ["CompressedRegion", "compressed_region"]
+
+
+def _modified(source: weakref.ref, version: int, shape: tuple) -> LaserFxError | None:
+    t = source()
+    if t is None or t._version == version:
+        return None
+    return LaserFxError(
+        f"A tensor of shape {shape} saved for backward inside a compressed region was modified "
+        f"in place after the forward (version {version} -> {t._version}); its gradients would "
+        "be computed at the new values. Do the in-place update after backward (e.g. "
+        "optimizer.step() after loss.backward()), or clone the tensor before modifying it."
+    )
+
+
+class _Kept:
+    """A saved tensor kept as it is. Saved-tensor hooks switch off autograd's in-place check,
+    so the version counter is checked here instead."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor = t
+        self.version = t._version
+
+    def get(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise _modified(weakref.ref(self.tensor), self.version, tuple(self.tensor.shape))
+        return self.tensor
 
 
 class _Handle:
     """What autograd keeps for one packed tensor; all saves of that tensor share it."""
 
-    __slots__ = ("_recon", "packed", "tracker")
+    __slots__ = ("_recon", "packed", "source", "tracker", "version")
 
-    def __init__(self, tracker: Any, packed: Any) -> None:
+    def __init__(self, tracker: Any, packed: Any, source: torch.Tensor) -> None:
         self.tracker = tracker
         self.packed = packed
+        self.source = weakref.ref(source)
+        self.version = source._version
         self._recon: weakref.ref[torch.Tensor] | None = None
 
     def get(self) -> torch.Tensor:
+        err = _modified(self.source, self.version, tuple(self.packed.shape))
+        if err is not None:
+            raise err
         # One reconstruction shared by every op that saved the tensor, but held only weakly:
         # a strong cache would bring the dense bytes back for the rest of backward.
         x = self._recon() if self._recon is not None else None
@@ -162,7 +196,7 @@ class CompressedRegion:
         width = self._width_for(t)
         if width is None:
             self.stats.add_passthrough(t)
-            return t
+            return _Kept(t)
         storage = t.untyped_storage()
         key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         hit = self._cache.get(key)
@@ -176,14 +210,14 @@ class CompressedRegion:
             self._slots += 1
         else:
             tracker = self.trackers[width]
-        handle = _Handle(tracker, tracker.compress(t))
+        handle = _Handle(tracker, tracker.compress(t), t)
         self._cache[key] = (weakref.ref(storage), handle)
         self.stats.add_packed(t, handle.packed)
         return handle
 
     @staticmethod
     def _unpack(h: Any) -> torch.Tensor:
-        return h if isinstance(h, torch.Tensor) else h.get()
+        return h.get()
 
 
 def compressed_region(

@@ -1,0 +1,45 @@
+"""Mechanism ``"checkpoint"``: a call keeps only its inputs, low-rank, and is re-run in backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from ..ops.checkpoint import compressed_checkpoint
+from .base import Mechanism
+
+__all__ = ["Checkpoint"]
+
+
+class Checkpoint(Mechanism):
+    """`compressed_checkpoint` around every grad-enabled call of the module.
+
+    Each floating tensor input of at least ``min_numel`` elements is packed by the tracker
+    of its position among the call's tensor inputs (slot ``in<i>``), so input i of one
+    recursion step is tracked from input i of the previous one. Channels-first inputs of
+    convolutions are compressed along the channel axis.
+    """
+
+    name = "checkpoint"
+
+    def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+        module = wrapper.wrapped
+        site = wrapper.site
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        conv = set(site.conv_widths)
+        other = set(site.widths) - conv
+        dims = [
+            1 if conv and t.ndim >= 3 and t.shape[1] in conv and t.shape[-1] not in other else -1
+            for t in tensors
+        ]
+
+        def tracker(i: int, t: torch.Tensor) -> Any:
+            if not t.is_floating_point() or t.ndim < 2 or t.numel() < wrapper.config.min_numel:
+                return None
+            return wrapper.tracker(f"in{i}", int(t.shape[dims[i]]), t)
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        return compressed_checkpoint(module, tracker, *args, params=params, stats=wrapper.stats,
+                                     feature_dims=dims, name=site.name, **kwargs)

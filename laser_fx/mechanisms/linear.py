@@ -1,0 +1,90 @@
+"""Mechanism ``"linear"``: each linear op of a call saves its input as tracked coefficients."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .._weights import WeightOrigins
+from ..ops.linear import compressed_linear
+from ..ops.region import _Kept
+from .base import Mechanism
+
+__all__ = ["Linear"]
+
+_LINEAR = {F.linear}
+_MATMUL = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__}
+
+
+class _LinearOps(TorchFunctionMode):
+    """Routes ``F.linear(x, W)`` and ``x @ W`` with ``W`` a parameter of the wrapped module (or
+    a cast / transpose of one) to `compressed_linear`, one tracker per parameter."""
+
+    def __init__(self, wrapper: Any) -> None:
+        super().__init__()
+        self.wrapper = wrapper
+        self.origins = WeightOrigins(wrapper.wrapped.named_parameters())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in _LINEAR or func in _MATMUL) and args and torch.is_grad_enabled():
+            weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+            name = self.origins.origin(weight)
+            x = args[0]
+            if (name is not None and isinstance(x, Tensor) and x.is_floating_point()
+                    and x.ndim >= 2 and weight.ndim == 2 and weight.requires_grad):
+                if func in _LINEAR:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    return compressed_linear(
+                        x, weight, bias, self.wrapper.tracker(name, int(x.shape[-1]), x))
+                return compressed_linear(  # X @ W == linear(X, Wᵀ)
+                    x, weight.t(), None, self.wrapper.tracker(name, int(weight.shape[0]), x))
+        out = func(*args, **kwargs)
+        self.origins.note(func, args, out)
+        return out
+
+
+class Linear(Mechanism):
+    """`compressed_linear` for every linear op of a grad-enabled call (no re-run).
+
+    Forward and ``grad_input`` are exact; ``grad_weight`` comes from the stored coefficients.
+    The other tensors the call saves are kept as they are (their in-place modification is
+    still detected).
+    """
+
+    name = "linear"
+
+    def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+        stats = wrapper.stats
+        trackers = list(wrapper.trackers.values())
+        before = [(int(t.stored_bytes), int(t.dense_bytes)) for t in trackers]
+        seen: dict[int, weakref.ref] = {}
+        kept = 0
+
+        def pack(t: Tensor) -> _Kept:
+            nonlocal kept
+            storage = t.untyped_storage()
+            ref = seen.get(id(storage))
+            is_weight = t.is_leaf and t.requires_grad
+            if not is_weight and (ref is None or ref() is not storage):
+                seen[id(storage)] = weakref.ref(storage)
+                kept += storage.nbytes()
+            return _Kept(t)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _Kept.get), _LinearOps(wrapper):
+            out = wrapper.wrapped(*args, **kwargs)
+        # what the call kept, minus what the trackers stored, plus what they were given
+        stored = dense = 0
+        for t in wrapper.trackers.values():
+            s0, d0 = next((b for trk, b in zip(trackers, before) if trk is t), (0, 0))
+            stored += int(t.stored_bytes) - s0
+            dense += int(t.dense_bytes) - d0
+        stats.stored_bytes += kept
+        stats.uncompressed_bytes += kept - stored + dense
+        stats.calls += 1
+        return out

@@ -1,0 +1,128 @@
+"""`SiteWrapper`: what `compress` puts in place of a shared module.
+
+The convention of torch's ``checkpoint_wrapper`` and PEFT's adapter injection: the wrapper
+holds the original module as its only child, forwards attribute reads to it, and hides its
+own prefix from ``state_dict`` / ``load_state_dict``, so checkpoints load into the
+compressed and the uncompressed model alike. Its forward hands grad-enabled calls to the
+site's mechanism (`laser_fx.mechanisms`); every other call is a plain call of the module.
+
+Trackers are per-rank, rebuildable state: they are kept OUT of the module tree on purpose,
+so that ``state_dict`` keys stay exactly the user's, DDP never broadcasts them (ranks have
+bases of different ranks), and ``.to()`` needs no care (a tracker follows the activations'
+device on its next call). ``copy.deepcopy`` and pickling carry them along.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import LaserConfig
+from .ops.checkpoint import is_recomputing
+from .sites import Site
+from .tracker import StorageStats, SubspaceTracker
+
+__all__ = ["WRAPPED", "SiteWrapper", "begin_step"]
+
+#: attribute under which a wrapper holds the original module (hidden from state dicts)
+WRAPPED = "_laser_fx_module"
+_PREFIX = WRAPPED + "."
+
+
+def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in list(state_dict):
+        if key.startswith(prefix + _PREFIX):
+            state_dict[prefix + key[len(prefix + _PREFIX):]] = state_dict.pop(key)
+
+
+def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in list(state_dict):
+        if key.startswith(prefix) and not key.startswith(prefix + _PREFIX):
+            state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+class SiteWrapper(nn.Module):
+    """Applies a site's mechanism to every grad-enabled call of the wrapped module.
+
+    Attributes:
+        site: the `Site` found by the probe run.
+        mechanism: the `Mechanism` applied.
+        config: the site's `LaserConfig`.
+        stats: `StorageStats` of the calls since the last step began.
+        trackers: ``{slot: SubspaceTracker}`` (created at first use).
+    """
+
+    def __init__(self, module: nn.Module, site: Site, mechanism: Any, config: LaserConfig) -> None:
+        super().__init__()
+        setattr(self, WRAPPED, module)
+        self.site = site
+        self.mechanism = mechanism
+        self.config = config
+        self.stats = StorageStats()
+        self.trackers: dict[str, SubspaceTracker] = {}
+        self.register_state_dict_post_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """The original module."""
+        return self._modules[WRAPPED]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if not modules or WRAPPED not in modules or name == WRAPPED:
+                raise
+            return getattr(modules[WRAPPED], name)
+
+    def __getitem__(self, key: Any) -> Any:  # a wrapped nn.Sequential block: model.body[0]
+        return self.wrapped[key]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.wrapped
+        if not torch.is_grad_enabled() or is_recomputing():
+            return module(*args, **kwargs)
+        return self.mechanism.call(self, args, kwargs)
+
+    # ------------------------------------------------------------------ state
+    def tracker(self, slot: str, width: int, like: Tensor) -> SubspaceTracker:
+        """The tracker of ``slot`` (created, or re-created when the width changed)."""
+        trk = self.trackers.get(slot)
+        if trk is None or trk.width != width:
+            trk = self.trackers[slot] = SubspaceTracker(width, self.config).to(like.device)
+        elif trk.basis.device != like.device:
+            trk.to(like.device)
+        return trk
+
+    def begin_step(self) -> None:
+        """Start a new step's byte accounting."""
+        self.stats = StorageStats()
+        for trk in self.trackers.values():
+            trk.begin_step()
+
+    def reset(self) -> None:
+        """Forget every basis and counter (as if freshly compressed)."""
+        self.trackers = {}
+        self.stats = StorageStats()
+
+    def extra_repr(self) -> str:
+        return f"site={self.site.name!r}, mechanism={self.mechanism.name!r}"
+
+
+class _StepHook:
+    """Forward pre-hook of the compressed model: a grad-enabled forward starts a new step."""
+
+    def __call__(self, model: nn.Module, *_: Any) -> None:
+        if torch.is_grad_enabled():
+            begin_step(model)
+
+
+def begin_step(model: nn.Module) -> None:
+    """Start a new step's byte accounting in every wrapper of ``model``."""
+    for m in model.modules():
+        if isinstance(m, SiteWrapper):
+            m.begin_step()
