@@ -1,10 +1,13 @@
 """Shared measurement helpers of the benchmarks: workloads, arms, interleaved timing, memory,
 gradient cosine and the share of step time spent in tracker work.
 
-A *workload* is a model, its positional inputs and a loss; an *arm* is one way of training it
-(uncompressed, exact `torch.utils.checkpoint` around every recursion step, or a LASER mode).
-Every arm of a workload is measured in the same process, its timed steps interleaved with the
-other arms' (order alternating per round), so machine load hits them alike.
+A *workload* is a model, its inputs (positional and keyword) and a loss; an *arm* is one way
+of training it (uncompressed, exact `torch.utils.checkpoint` around every recursion step, or a
+LASER mode). Every arm but the uncompressed one is a deep copy of the workload's model (same
+weights), changed in place: the shared block wrapped in a torch checkpoint, or the copy
+compressed by `laser_fx.compress`. Every arm of a workload is measured in the same process,
+its timed steps interleaved with the other arms' (order alternating per round), so machine
+load hits them alike.
 """
 
 from __future__ import annotations
@@ -51,44 +54,57 @@ class Workload:
 
     Attributes:
         name: label in tables.
-        model: the uncompressed model (its parameters are the reference).
-        inputs: positional inputs of ``call``.
-        call: ``call(module, *inputs) -> output`` (ALBERT takes keyword inputs).
+        model: the uncompressed model (its gradients are the reference).
+        inputs: positional inputs of the model (also `laser_fx.compress`'s ``example_inputs``).
+        kwargs: keyword inputs (ALBERT's ``input_ids`` / ``attention_mask``; also
+            ``example_kwargs``).
         loss_fn: ``(output, target) -> scalar loss``.
         target: the loss's target tensor.
-        shared_path: attribute path of the shared block that `TorchCheckpoint` wraps.
-        compress_kwargs: ``example_inputs`` / ``example_kwargs`` for `laser_fx.compress`.
+        shared_path: module path of the shared block that `TorchCheckpoint` wraps.
     """
 
     name: str
     model: nn.Module
     inputs: tuple
-    call: Callable[..., Any]
+    kwargs: dict[str, Any]
     loss_fn: Callable[[Any, Tensor], Tensor]
     target: Tensor
     shared_path: str
-    compress_kwargs: dict[str, Any]
 
     def loss(self, out: Any) -> Tensor:
         """The scalar loss of ``out``."""
         return self.loss_fn(out, self.target)
 
+    def run(self, module: nn.Module) -> Any:
+        """``module(*inputs, **kwargs)``."""
+        return module(*self.inputs, **self.kwargs)
+
+    def compress(self, module: nn.Module, config: laser_fx.LaserConfig) -> nn.Module:
+        """`laser_fx.compress` ``module`` (a copy of the model) in place on these inputs."""
+        return laser_fx.compress(module, config=config, example_inputs=self.inputs,
+                                 example_kwargs=self.kwargs)
+
     def to(self, device: str) -> None:
-        """Move inputs, target and the example inputs `compress` is given."""
+        """Move the model, inputs and target."""
+        self.model.to(device)
         self.inputs = tuple(t.to(device) for t in self.inputs)
+        self.kwargs = {k: v.to(device) if isinstance(v, Tensor) else v
+                       for k, v in self.kwargs.items()}
         self.target = self.target.to(device)
-        self.compress_kwargs = torch.utils._pytree.tree_map(
-            lambda t: t.to(device) if isinstance(t, Tensor) else t, self.compress_kwargs)
 
 
 @dataclass
 class Arm:
-    """One configuration: what to call and the parameters its gradient is taken on."""
+    """One configuration: the model it trains (a copy for every arm but the first)."""
 
     name: str
     module: nn.Module
-    params: list[nn.Parameter]
     laser: bool
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Trainable parameters, in the order of the uncompressed model's (same paths)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
 
 
 class TorchCheckpoint(nn.Module):
@@ -153,12 +169,10 @@ def trm_workload(*, mixer: str, d: int = 64, n: int = 3, T: int = 2, batch: int 
     model = TRM(cfg)
     x, y = make_dataset(task, size, batch, seed)
     y0, z0 = model.initial_carry(batch)
-    inputs = (x, y0, z0)
     return Workload(
         name=f"TRM {mixer} D={d} n={n} T={T} {task} {size}x{size} batch {batch}",
-        model=model, inputs=inputs, call=lambda m, *a: m(*a),
-        loss_fn=_trm_loss, target=y, shared_path="net",
-        compress_kwargs={"example_inputs": inputs},
+        model=model, inputs=(x, y0, z0), kwargs={}, loss_fn=_trm_loss, target=y,
+        shared_path="net",
     )
 
 
@@ -169,69 +183,63 @@ def albert_workload(*, layers: int = 6, batch: int = 16, seq: int = 32, seed: in
     cfg = albert_config(vocab=100, max_len=64, layers=layers)
     gen = torch.Generator().manual_seed(seed)
     b = make_batch(gen, batch, seq, 100)
-    model = make_model(cfg, seed)
-    ids, mask = b.inputs["input_ids"], b.inputs["attention_mask"]
     return Workload(
         name=f"ALBERT hidden 128, {layers} layers sharing 1, batch {batch}, length {seq}",
-        model=model, inputs=(ids, mask),
-        call=lambda m, i, am: m(input_ids=i, attention_mask=am),
+        model=make_model(cfg, seed), inputs=(), kwargs=dict(b.inputs),
         loss_fn=lambda out, target: loss_fn(out, target)[0], target=b.target,
         shared_path="albert.encoder.albert_layer_groups.0",
-        compress_kwargs={"example_kwargs": {"input_ids": ids, "attention_mask": mask}},
     )
 
 
 def _torch_checkpointed(model: nn.Module, path: str) -> nn.Module:
-    twin = copy.deepcopy(model)
+    """``model`` with its block at ``path`` wrapped (in place) to run as an exact torch checkpoint."""
     parent_path, _, leaf = path.rpartition(".")
-    parent = twin.get_submodule(parent_path) if parent_path else twin
-    inner = parent[int(leaf)] if leaf.isdigit() else getattr(parent, leaf)
-    wrapped = TorchCheckpoint(inner)
-    if leaf.isdigit():
-        parent[int(leaf)] = wrapped
-    else:
-        setattr(parent, leaf, wrapped)
-    return twin
+    parent = model.get_submodule(parent_path) if parent_path else model
+    parent.register_module(leaf, TorchCheckpoint(parent.get_submodule(leaf)))
+    return model
 
 
 def build_arms(w: Workload, modes: Sequence[str] = tuple(LASER_MODES), combo: bool = True,
                device: str = "cpu") -> tuple[list[Arm], dict[str, str]]:
     """Uncompressed, torch checkpoint, the LASER modes and (if ``combo``) LASER linear inside
-    torch checkpointing, built on ``device`` (the model and workload are moved there first, so
-    a model exported for ALBERT captures that device's constants).
+    torch checkpointing, built on ``device`` (the workload is moved there first).
+
+    Every arm but the uncompressed one is a deep copy of ``w.model`` (same initial weights);
+    a LASER arm is that copy compressed in place. The combination wraps the block of a copy
+    in a torch checkpoint and compresses that copy with ``mode="linear"``; it is tried with
+    one training step, and a failure is recorded in ``notes`` (torch's recomputation in
+    backward runs outside the LASER wrapper, so it saves plain linears' tensors where the
+    forward saved compressed ones, and torch refuses the mismatch; the other nesting runs,
+    but the wrapper's own saved-tensor hooks then take precedence over the checkpoint's, so
+    it keeps what LASER linear alone keeps: not a combination worth a row).
 
     Returns:
         ``(arms, notes)``: arms that could be built, and ``label -> why not`` for those that
         could not.
     """
-    w.model.to(device)  # in place: parameters stay shared between the model and its arms
     w.to(device)
-    params = [p for p in w.model.parameters() if p.requires_grad]
-    ckpt = _torch_checkpointed(w.model, w.shared_path)
-    arms = [Arm("uncompressed", w.model, params, False),
-            Arm("torch checkpoint", ckpt, [p for p in ckpt.parameters() if p.requires_grad],
+    arms = [Arm("uncompressed", w.model, False),
+            Arm("torch checkpoint", _torch_checkpointed(copy.deepcopy(w.model), w.shared_path),
                 False)]
     notes: dict[str, str] = {}
     for label in modes:
         cfg = laser_fx.LaserConfig(mode=LASER_MODES[label])
-        arms.append(Arm(label, laser_fx.compress(w.model, config=cfg, **w.compress_kwargs),
-                        params, True))
+        arms.append(Arm(label, w.compress(copy.deepcopy(w.model), cfg), True))
     if combo:
         label = "LASER linear inside torch checkpoint"
         try:
-            twin = _torch_checkpointed(w.model, w.shared_path)
-            cm = laser_fx.compress(twin, config=laser_fx.LaserConfig(mode="linear"),
-                                   **w.compress_kwargs)
-            arms.append(Arm(label, cm, [p for p in twin.parameters() if p.requires_grad], True))
+            twin = _torch_checkpointed(copy.deepcopy(w.model), w.shared_path)
+            arm = Arm(label, w.compress(twin, laser_fx.LaserConfig(mode="linear")), True)
+            _step(w, arm)  # whether the two compose shows in backward
+            arms.append(arm)
         except Exception as e:  # noqa: BLE001 - recorded in the results as the reason
-            notes[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    for arm in arms:  # wrappers' own buffers, if any
-        arm.module.to(device)
+            notes[label] = (f"does not compose: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}")
     return arms, notes
 
 
 def _step(w: Workload, arm: Arm) -> None:
-    w.loss(w.call(arm.module, *w.inputs)).backward()
+    w.loss(w.run(arm.module)).backward()
     for p in arm.params:
         p.grad = None
 
@@ -262,10 +270,10 @@ def _tracker_clock(device: str, total: list[float]) -> Iterator[None]:
 
 
 def _grads(w: Workload, arm: Arm) -> Tensor:
-    loss = w.loss(w.call(arm.module, *w.inputs))
-    gs = torch.autograd.grad(loss, arm.params, allow_unused=True)
+    params = arm.params
+    gs = torch.autograd.grad(w.loss(w.run(arm.module)), params, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double()
-                      for p, g in zip(arm.params, gs, strict=True)])
+                      for p, g in zip(params, gs, strict=True)])
 
 
 def _quantiles(ts: list[float]) -> dict[str, float]:
@@ -300,10 +308,8 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
     ref = _grads(w, arms[0])
     rows: list[dict[str, Any]] = []
     for arm in arms:
-        mem = laser_fx.measure_activation_memory(
-            lambda *a, m=arm.module: w.call(m, *a), w.inputs, w.loss)
-        for p in arm.params:
-            p.grad = None
+        mem = laser_fx.measure_activation_memory(arm.module, w.inputs, w.loss, kwargs=w.kwargs)
+        arm.module.zero_grad(set_to_none=True)
         g = _grads(w, arm)
         row: dict[str, Any] = {
             "arm": arm.name, "after_forward_bytes": mem.after_forward, "peak_bytes": mem.peak,

@@ -12,6 +12,7 @@ recursion's calls meet in backward. This sweep shows what that costs in gradient
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -28,29 +29,28 @@ from benchmarks._common import machine, sync, trm_workload
 __all__ = ["main", "sweep"]
 
 
-def _grads(w, module, params) -> torch.Tensor:
-    g = torch.autograd.grad(w.loss(w.call(module, *w.inputs)), params)
+def _grads(w, module) -> torch.Tensor:
+    g = torch.autograd.grad(w.loss(w.run(module)), list(module.parameters()))
     return torch.cat([t.flatten().double() for t in g])
 
 
 def sweep(*, mixer: str, d: int, n: int, T: int, batch: int, energies, modes, device: str,
           warm_steps: int = 3) -> list[dict]:
     """One row per (mode, energy): gradient cosine and relative error vs uncompressed (after
-    `warm_steps` steps, so the bases are tracked, not fresh), bytes kept after forward."""
+    `warm_steps` steps, so the bases are tracked, not fresh), bytes kept after forward.
+    Each setting compresses its own deep copy of the model in place (same weights)."""
     w = trm_workload(mixer=mixer, d=d, n=n, T=T, batch=batch)
-    w.model.to(device)
     w.to(device)
-    params = [p for p in w.model.parameters() if p.requires_grad]
-    ref = _grads(w, w.model, params)
+    ref = _grads(w, w.model)
     base = laser_fx.measure_activation_memory(w.model, w.inputs, w.loss).after_forward
     rows = []
     for mode in modes:
         for energy in energies:
             cfg = laser_fx.LaserConfig(mode=mode, energy=energy)
-            cm = laser_fx.compress(w.model, config=cfg, **w.compress_kwargs)
+            cm = w.compress(copy.deepcopy(w.model), cfg)
             for _ in range(warm_steps):
-                _grads(w, cm, params)
-            g = _grads(w, cm, params)
+                _grads(w, cm)
+            g = _grads(w, cm)
             mem = laser_fx.measure_activation_memory(cm, w.inputs, w.loss).after_forward
             sync(device)
             rep = laser_fx.report(cm)

@@ -5,7 +5,8 @@ configuration is measured in one run, its timed steps interleaved with the other
 ``torch.utils.checkpoint`` (non-reentrant) around each recursion step; LASER ``mode="linear"``,
 ``"region"`` and ``"auto"`` (the default: a compressed checkpoint of each shared-block call, i.e.
 LASER combined with checkpointing, only compressed checkpoints kept); and LASER linear applied to
-the torch-checkpointed model. Prints one markdown table per model, appends JSON lines to
+the torch-checkpointed model. Each arm but the uncompressed one is a deep copy of the model
+(same weights); a LASER arm is that copy compressed in place. Prints one markdown table per model, appends JSON lines to
 ``--out`` as each model finishes, and plots the frontier. About 5 minutes on 2 CPU cores:
 
     PYTHONPATH=. python benchmarks/frontier.py [--reps 5] [--threads 1] [--device cpu]
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import laser_fx
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -165,9 +168,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         try:
             arms, notes = build_arms(w, device=a.device)
             rows = measure_arms(w, arms, reps=a.reps, device=a.device)
-        except RuntimeError as e:
-            # an exported (Hugging Face) graph keeps the device it was captured on, and
-            # compress() of a CUDA model fails: report the model as not measured, go on
+        except (RuntimeError, laser_fx.LaserFxError) as e:
+            # report the model as not measured (e.g. out of memory on the device), go on
             print(f"\n### {w.name}\n\nnot measured on {a.device}: {str(e).splitlines()[0]}")
             continue
         rec = {"workload": w.name, "model": name, "args": vars(a), "machine": machine(),

@@ -70,8 +70,8 @@ def _row(width: int, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    """Parse arguments, time every width, print the Markdown table."""
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    """Parse arguments, time every width, print the Markdown table; returns its rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024, 1536])
     parser.add_argument("--tokens", type=int, default=2048, help="rows N of the activation")
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy CPU)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,14 +96,17 @@ def main() -> None:
         "| width | k | projection | +1 power iter | reset | exact SVD | F.linear | proj / matmul |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for width in args.widths:
         r = _row(width, args)
+        rows.append({"width": width, **r})
         print(
             f"| {width} | {int(r['k'])} | {r['projection']:.2f} | {r['power']:.2f} | "
             f"{r['reset']:.1f} | {r['svd']:.1f} | {r['matmul']:.2f} | "
             f"{r['projection'] / r['matmul']:.2f} |",
             flush=True,
         )
+    return rows
 
 
 if __name__ == "__main__":

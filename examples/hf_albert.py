@@ -1,11 +1,12 @@
 """LASER on Hugging Face ALBERT: one shared layer applied ``num_hidden_layers`` times.
 
 Builds a small `AlbertForSequenceClassification` from a config (random weights, 6 layers that
-share one layer group), lists its weight-shared sites, compresses it with `laser_fx.compress`
-(captured through `torch.export`: transformers 5.x has no fx tracer), then trains an
-uncompressed and a compressed copy from the same weights on the same padded batches of a
-generated task: "are there more A tokens than B tokens?". Prints activation memory, step time
-and held-out loss / accuracy of both, and the per-site LASER report.
+share one layer group), lists its weight-shared sites, compresses a deep copy in place with
+`laser_fx.compress(model, example_kwargs=...)` (nothing is traced: one eager probe run finds
+the shared `AlbertLayerGroup`, which is swapped for a wrapper), then trains the uncompressed
+and the compressed model from the same weights on the same padded batches of a generated
+task: "are there more A tokens than B tokens?". Prints activation memory, step time and
+held-out loss / accuracy of both, and the per-site LASER report.
 
 About 2-3 minutes on 2 CPU cores with default arguments; ``--quick`` takes seconds.
 
@@ -46,8 +47,8 @@ _MAX_MARKERS = 9
 def albert_config(vocab: int = 100, max_len: int = 64, layers: int = 6) -> AlbertConfig:
     """A small ALBERT: hidden 128, ``layers`` layers sharing one group, 4 heads, FFN 256.
 
-    Dropout is off: an exported graph keeps the training-mode dropout it was captured with,
-    and the two arms must see the same computation for the comparison to mean anything.
+    Dropout is off, so that the two arms compute the same function on the same batches
+    (their dropout masks would differ) and their losses compare step by step.
     """
     return AlbertConfig(
         vocab_size=vocab, embedding_size=64, hidden_size=128, num_hidden_layers=layers,

@@ -2,9 +2,11 @@
 training with timing, held-out evaluation, activation memory and the printed summary.
 
 The examples (`hf_albert.py`, `hf_looped_llama.py`) build a small weight-shared transformer
-from a config (random weights, nothing downloaded), train an uncompressed copy and a
-`laser_fx.compress`-ed copy from the same initial weights on the same batches, and print what
-LASER changed: activation memory kept for backward, step time and held-out loss / accuracy.
+from a config (random weights, nothing downloaded), train an uncompressed model and a deep
+copy of it compressed in place by `laser_fx.compress` (same initial weights) on the same
+batches, and print what LASER changed: activation memory kept for backward, step time and
+held-out loss / accuracy. Nothing is traced: `compress` runs the Hugging Face model once
+eagerly on the example keyword inputs and swaps its shared layer for a `laser_fx.SiteWrapper`.
 """
 
 from __future__ import annotations
@@ -48,13 +50,18 @@ class Batch(NamedTuple):
 
 
 class Summary(NamedTuple):
-    """What an example's ``main`` returns: the figures it printed, for tests and notebooks."""
+    """What an example's ``main`` returns: the figures it printed, for tests and notebooks.
+
+    ``compressed`` maps each compressed site to its mechanism; ``compress_seconds`` is the
+    wall time of `laser_fx.compress` (probe run, swap, one verification run).
+    """
 
     memory_ratio: float
     step_time_ratio: float
     held_out: dict[str, tuple[float, float]]
     sites: list[laser_fx.Site]
-    capture: str
+    compressed: dict[str, str]
+    compress_seconds: float
 
 
 #: ``loss_fn(model_output, target) -> (mean loss, number correct, number counted)``
@@ -98,23 +105,21 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def build_arms(
-    make_model: Callable[[], nn.Module], example: Batch, config: laser_fx.LaserConfig
-) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """Build the baseline and the LASER arm from the same initial weights.
+    model: nn.Module, example: Batch, config: laser_fx.LaserConfig
+) -> tuple[nn.Module, nn.Module]:
+    """The baseline and the LASER arm, from the same initial weights.
 
     Args:
-        make_model: builds the (seeded) model; called once.
-        example: inputs used to capture and check the compressed model.
+        model: the (seeded) model; it becomes the baseline, unchanged.
+        example: keyword inputs the compressed copy is probed and checked on.
         config: the LASER config.
 
     Returns:
-        ``(baseline, laser_source, cmodel)``: ``cmodel`` is ``laser_fx.compress`` of
-        ``laser_source`` (a deep copy of ``baseline``) and shares its parameters.
+        ``(model, laser)``: ``laser`` is a deep copy of ``model`` compressed in place.
     """
-    baseline = make_model()
-    source = copy.deepcopy(baseline)
-    cmodel = laser_fx.compress(source, config=config, example_kwargs=example.inputs)
-    return baseline, source, cmodel
+    laser = copy.deepcopy(model)
+    laser_fx.compress(laser, config=config, example_kwargs=example.inputs)
+    return model, laser
 
 
 @dataclass
@@ -139,7 +144,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, loss_fn: L
 
 
 def train_interleaved(
-    arms: dict[str, tuple[nn.Module, nn.Module]],
+    arms: dict[str, nn.Module],
     batches: Iterator[Batch],
     loss_fn: LossFn,
     *,
@@ -154,7 +159,7 @@ def train_interleaved(
     always runs on a warm cache.
 
     Args:
-        arms: ``name -> (module to call, module owning the parameters)``.
+        arms: ``name -> model`` (a compressed model trains its own parameters).
         batches: an endless iterator of batches.
         loss_fn: see `LossFn`.
         steps: number of batches.
@@ -164,7 +169,7 @@ def train_interleaved(
     Returns:
         The `Comparison` of losses and step times.
     """
-    opts = {name: torch.optim.AdamW(owner.parameters(), lr=lr) for name, (_, owner) in arms.items()}
+    opts = {name: torch.optim.AdamW(model.parameters(), lr=lr) for name, model in arms.items()}
     out = Comparison({n: [] for n in arms}, {n: [] for n in arms})
     names = list(arms)
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
@@ -172,42 +177,39 @@ def train_interleaved(
         batch = next(batches)
         for name in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            out.losses[name].append(_step(arms[name][0], opts[name], batch, loss_fn))
+            out.losses[name].append(_step(arms[name], opts[name], batch, loss_fn))
             out.times[name].append(time.perf_counter() - t0)
         bar.set_postfix({n: f"{out.losses[n][-1]:.3f}" for n in names})
-    for _, owner in arms.values():
-        owner.zero_grad(set_to_none=True)
+    for model in arms.values():
+        model.zero_grad(set_to_none=True)
     return out
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on held-out ``batches``.
+    """Mean loss and accuracy of ``model`` on held-out ``batches``, in eval mode.
 
     Returns:
         ``(loss, accuracy)``; the loss is averaged over batches weighted by counted items.
     """
+    was_training = model.training
+    model.eval()  # a compressed model is the user's own: eval() reaches every layer
     total, correct, count = 0.0, 0, 0
-    for b in batches:
-        loss, c, n = loss_fn(model(**b.inputs), b.target)
-        total += float(loss) * n
-        correct += c
-        count += n
+    try:
+        for b in batches:
+            loss, c, n = loss_fn(model(**b.inputs), b.target)
+            total += float(loss) * n
+            correct += c
+            count += n
+    finally:
+        model.train(was_training)
     return total / max(count, 1), correct / max(count, 1)
 
 
 def activation_memory(model: nn.Module, batch: Batch, loss_fn: LossFn) -> laser_fx.ActivationMemory:
-    """`laser_fx.measure_activation_memory` of one training step of ``model`` on ``batch``.
-
-    The model takes keyword inputs, so it is called through a positional shim.
-    """
-    keys = list(batch.inputs)
-
-    def call(*tensors: torch.Tensor) -> Any:
-        return model(**dict(zip(keys, tensors, strict=True)))
-
+    """`laser_fx.measure_activation_memory` of one training step of ``model`` on ``batch``."""
     mem = laser_fx.measure_activation_memory(
-        call, tuple(batch.inputs.values()), lambda out: loss_fn(out, batch.target)[0]
+        model, (), lambda out: loss_fn(out, batch.target)[0], kwargs=batch.inputs
     )
     model.zero_grad(set_to_none=True)
     return mem
@@ -267,19 +269,23 @@ def compare(
     for site in sites:
         print(f"  {site}")
     config = laser_fx.LaserConfig(mode=a.mode)
-    baseline, source, cmodel = build_arms(lambda: model, example, config)
-    method = cmodel._laser_fx_trace["method"]
-    print(f"\ncaptured with: {method}; LASER mode: {a.mode}")
-    arms = {"baseline": (baseline, baseline), "laser": (cmodel, source)}
+    t0 = time.perf_counter()
+    baseline, laser = build_arms(model, example, config)
+    seconds = time.perf_counter() - t0
+    compressed = {row["name"]: row["mechanism"] for row in laser_fx.report(laser).sites}
+    print(f"\ncompressed in place in {seconds:.2f} s (probe run, swap, one check run; LASER "
+          f"mode {a.mode}): " + ", ".join(f"{n} ({m})" for n, m in compressed.items()))
+    arms = {"baseline": baseline, "laser": laser}
     record = train_interleaved(arms, batches, loss_fn, steps=a.steps, lr=a.lr, desc=desc)
     print(f"final training loss: baseline {record.losses['baseline'][-1]:.4f}, "
           f"LASER {record.losses['laser'][-1]:.4f}")
     base_mem = activation_memory(baseline, example, loss_fn)
-    laser_mem = activation_memory(cmodel, example, loss_fn)
+    laser_mem = activation_memory(laser, example, loss_fn)
+    report = laser_fx.report(laser)  # the bytes of the measured step above
     scores = {"baseline": evaluate(baseline, held_out, loss_fn),
-              "LASER": evaluate(cmodel, held_out, loss_fn)}
+              "LASER": evaluate(laser, held_out, loss_fn)}
     print("\nLASER report:")
-    print(laser_fx.report(cmodel))
+    print(report)
     ratio, slowdown = print_summary(base_mem=base_mem, laser_mem=laser_mem, comparison=record,
                                     held_out=scores, metric=metric)
-    return Summary(ratio, slowdown, scores, sites, method)
+    return Summary(ratio, slowdown, scores, sites, compressed, seconds)

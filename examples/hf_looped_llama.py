@@ -3,12 +3,14 @@
 A looped (Universal-style) transformer built from Hugging Face Llama parts with random
 weights: token embedding, `LlamaRotaryEmbedding`, ONE `LlamaDecoderLayer` called ``loops``
 times with the same weights (SDPA attention with a causal mask, no KV cache), final `LlamaRMSNorm` and
-LM head. The loop is a Python ``for`` in `LoopedLlama.forward`, so the captured graph reads
-as the recursion: the layer's module path repeats with call indices ``@0 .. @R-1``.
+LM head. The loop is a Python ``for`` in `LoopedLlama.forward`: the probe run of
+`laser_fx.compress` sees the layer called R times with grad (uses ``layer@0 .. layer@R-1``)
+and swaps it, in place, for a wrapper; nothing is traced.
 
-Trains an uncompressed and a `laser_fx.compress`-ed copy from the same weights on the same
-batches of a generated next-token task (copy a random string after a separator) and prints
-activation memory, step time, held-out loss / accuracy of both, and the per-site report.
+Trains the uncompressed model and a deep copy compressed in place, from the same weights on
+the same batches of a generated next-token task (copy a random string after a separator),
+and prints activation memory, step time, held-out loss / accuracy of both, and the per-site
+report.
 
 About 2-3 minutes on 2 CPU cores with default arguments; ``--quick`` takes seconds.
 

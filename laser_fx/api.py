@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError
-from .mechanisms import Mechanism, choose
+from .mechanisms import MECHANISMS, Mechanism, choose
+from .param_site import ParamSite, param_sites_of
 from .probe import Probe, _as_tuple, probe, run_model
 from .sites import Site, SiteSelector, select
 from .wrapper import SiteWrapper, _StepHook
@@ -30,8 +31,10 @@ class VerifyError(LaserFxError):
     """The compressed model does not compute what the original computes."""
 
 
-def _wrappers(model: nn.Module) -> list[SiteWrapper]:
-    return [m for m in model.modules() if isinstance(m, SiteWrapper)]
+def _wrappers(model: nn.Module) -> list[SiteWrapper | ParamSite]:
+    """Every compressed site below ``model``: swapped-in wrappers, then parameter sites."""
+    return ([m for m in model.modules() if isinstance(m, SiteWrapper)]
+            + [ps for _, ps in param_sites_of(model)])
 
 
 def is_compressed(model: nn.Module) -> bool:
@@ -73,11 +76,11 @@ def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelec
     for s in chosen:
         if s.block is not None and s.block in taken:
             plan.skipped[s.name] = f"covered by block {s.block}"
-        elif s.param is not None:
+        elif s.param is not None and config.for_site(s.name).mode not in ("auto", "linear"):
             plan.skipped[s.name] = (
                 f"a parameter applied {s.num_uses} times inside one call of a "
-                f"{s.module_type} rather than by a module of its own; wrap the loop body in "
-                "an nn.Module (e.g. an RNN cell) to compress it"
+                f"{s.module_type}: only mode 'linear' applies to it (no module to checkpoint); "
+                "wrap the loop body in an nn.Module to use checkpoint or region"
             )
         elif s.grad_uses == 0:
             plan.skipped[s.name] = "no call with grad enabled"
@@ -88,20 +91,32 @@ def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelec
             )
         else:
             cfg = config.for_site(s.name)
-            plan.chosen.append((s, choose(s, cfg.mode), cfg))
+            mech = MECHANISMS["linear"] if s.param is not None else choose(s, cfg.mode)
+            plan.chosen.append((s, mech, cfg))
     if not plan.chosen:
+        calls = {s.name: s.num_uses for s in sites}
         hint = ""
         if found.one_grad_call:
             hint = (
-                f" Each of {found.one_grad_call} runs with grad once per forward (e.g. a "
+                f" Each of {_recursions(found.one_grad_call, calls)} runs with grad once per "
+                "forward (e.g. a "
                 "one-step gradient with the earlier recursion steps under torch.no_grad()), "
                 "so there is nothing to compress across recursion steps."
             )
-        raise NoSitesError(
-            f"Nothing to compress in {type(model).__name__}: the sites were all left alone "
-            f"({plan.skipped}).{hint}"
-        )
+        outer = _recursions(list(plan.skipped), calls)
+        more = len(plan.skipped) - len(outer)
+        inside = f", and {more} modules inside them" if more else ""
+        why = (f"the sites were all left alone ({ {n: plan.skipped[n] for n in outer} }{inside})"
+               if plan.skipped else f"`sites` selected none of the sites found ({names})")
+        raise NoSitesError(f"Nothing to compress in {type(model).__name__}: {why}.{hint}")
     return plan
+
+
+def _recursions(names: list[str], calls: dict[str, int]) -> list[str]:
+    """``names`` without the modules called exactly once per call of a listed ancestor: the
+    parts of a recursion, not the recursion (keeps messages short)."""
+    return [n for n in names
+            if not any(n.startswith(o + ".") and calls.get(o) == calls.get(n) for o in names)]
 
 
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> int:
@@ -225,7 +240,10 @@ def compress(
     plan = _plan(found, model, sites, exclude, config)
     for site, mechanism, cfg in plan.chosen:
         module = found.modules[site.name]
-        _replace(model, module, SiteWrapper(module, site, mechanism, cfg))
+        if site.param is not None:
+            ParamSite(site, model.get_parameter(site.param), cfg).attach(module)
+        else:
+            _replace(model, module, SiteWrapper(module, site, mechanism, cfg))
     model.register_forward_pre_hook(_StepHook())
     object.__setattr__(model, _SKIPPED, dict(plan.skipped))
     try:
@@ -251,7 +269,10 @@ def strip(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} without compressed sites."
         )
     for w in wrappers:
-        _replace(model, w, w.wrapped)
+        if isinstance(w, SiteWrapper):
+            _replace(model, w, w.wrapped)
+    for owner, ps in param_sites_of(model):
+        ps.detach_from(owner)
     for key, hook in list(model._forward_pre_hooks.items()):
         if isinstance(hook, _StepHook):
             del model._forward_pre_hooks[key]

@@ -66,7 +66,8 @@ class Probe:
         outputs: the model's output of the probe run (detached).
         one_grad_call: names of modules called 2+ times of which only one call had grad
             (HRM's one-step gradient): nothing to compress across recursion steps.
-        modules: site name -> the module object (module sites only).
+        modules: site name -> the module object (module sites), or the module whose call
+            applies the parameter (parameter sites).
     """
 
     sites: list[Site]
@@ -118,7 +119,8 @@ class _Recorder(TorchFunctionMode):
 
     # ---------------------------------------------------------------- saved tensors
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+        base = t if t._base is None else t._base  # w.t() saved by linear: not an activation
+        if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
             return t
         storage = t.untyped_storage()
         key = id(storage)
@@ -215,7 +217,9 @@ def probe(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Pro
 
 def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
     grad_calls = {mid: sum(c.grad for c in calls) for mid, calls in rec.calls.items()}
-    shared = [mid for mid in rec.order if len(rec.calls[mid]) >= 2 and mid in names]
+    # A parameter-free module called twice (a shared activation) is not weight sharing.
+    shared = [mid for mid in rec.order if len(rec.calls[mid]) >= 2 and mid in names
+              and next(rec.calls[mid][0].module.parameters(), None) is not None]
     # A block: called with grad 2+ times, and not inside another such module's grad calls.
     def enclosing_block(mid: int) -> int | None:
         for call in rec.calls[mid]:
@@ -239,8 +243,9 @@ def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
         name = names[mid]
         conv_widths = set().union(*(c.conv_widths for c in calls))
         widths = set().union(*(c.op_widths for c in calls)) | conv_widths
-        for c in calls:
-            widths.update(c.input_widths)
+        if not conv_widths:  # channels-first inputs: their last dim is spatial, not a width
+            for c in calls:
+                widths.update(c.input_widths)
         if isinstance(module, nn.Linear):
             widths = {module.in_features}
         uses = tuple(
@@ -255,12 +260,15 @@ def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
                           module_type=type(module).__name__,
                           conv_widths=tuple(sorted(conv_widths))))
         modules[name] = module
-    sites += _param_sites(rec, names, top, outer_of)
+    for site, owner in _param_sites(rec, names, top, outer_of):
+        sites.append(site)
+        modules[site.name] = owner
     one_grad = [names[mid] for mid in shared if grad_calls[mid] == 1]
     return Probe(sites, outputs, one_grad, modules)
 
 
-def _param_sites(rec: _Recorder, names: dict[int, str], top, outer_of) -> list[Site]:
+def _param_sites(rec: _Recorder, names: dict[int, str], top,
+                 outer_of) -> list[tuple[Site, nn.Module]]:
     """Parameters that one call of a module applies 2+ times (``X @ W`` in a Python loop)."""
     found: dict[str, list[tuple[_Call, tuple]]] = {}
     for mid in rec.order:
@@ -282,9 +290,9 @@ def _param_sites(rec: _Recorder, names: dict[int, str], top, outer_of) -> list[S
         )
         widths = tuple(sorted({op[2] for _, op in entries}))
         kind = entries[0][1][3]
-        sites.append(Site(param, kind, max(widths), uses, param=param, widths=widths,
-                          block=names[top(block)] if block is not None else None,
-                          module_type=type(call.module).__name__))
+        sites.append((Site(param, kind, max(widths), uses, param=param, widths=widths,
+                           block=names[top(block)] if block is not None else None,
+                           module_type=type(call.module).__name__), call.module))
     return sites
 
 

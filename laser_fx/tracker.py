@@ -391,7 +391,8 @@ class SubspaceTracker(nn.Module):
         self, x: Tensor, basis: Tensor, coeffs: Tensor, fid: float, mean: Tensor | None
     ) -> Packed:
         """Adopt ``basis`` (a new buffer tensor if it changed) and store the coefficients."""
-        if basis is not self.basis:
+        new_basis = basis is not self.basis
+        if new_basis:
             self.basis = _compact(basis.float())  # assign, never in place: old Packed keep theirs
             self.rank.fill_(basis.shape[1])
         fid = min(1.0, max(0.0, fid))  # rounding can leave a hair outside [0, 1]
@@ -404,7 +405,11 @@ class SubspaceTracker(nn.Module):
         x_bytes = x.numel() * x.element_size()
         dense = packed.nbytes >= x_bytes
         if self.config.rank is None:  # energy mode: back off from incompressible activations
-            dense = packed.nbytes > _INCOMPRESSIBLE * x_bytes
+            # A record that brings a new basis version pins it too: with few rows (a small
+            # batch of RNN states) coefficients plus basis can outgrow the activation.
+            cost = packed.nbytes + (self.basis.numel() * self.basis.element_size()
+                                    if new_basis else 0)
+            dense = cost > _INCOMPRESSIBLE * x_bytes
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)
                 self.backoff.fill_(self.backoff_next)
                 self.backoff_next = min(2 * self.backoff_next, _BACKOFF_MAX)

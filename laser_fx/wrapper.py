@@ -24,11 +24,13 @@ from .ops.checkpoint import is_recomputing
 from .sites import Site
 from .tracker import StorageStats, SubspaceTracker
 
-__all__ = ["WRAPPED", "SiteWrapper", "begin_step"]
+__all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step"]
 
 #: attribute under which a wrapper holds the original module (hidden from state dicts)
 WRAPPED = "_laser_fx_module"
 _PREFIX = WRAPPED + "."
+#: attributes a `SiteWrapper` keeps for itself; every other write goes to the wrapped module
+_OWN = frozenset({"site", "mechanism", "config", "stats", "trackers"})
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -43,7 +45,36 @@ def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) ->
             state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)
 
 
-class SiteWrapper(nn.Module):
+class TrackerStore:
+    """Per-site state shared by `SiteWrapper` and `laser_fx.param_site.ParamSite`: the site's
+    trackers by slot (created at first use) and the byte accounting of the current step."""
+
+    config: LaserConfig
+    stats: StorageStats
+    trackers: dict[str, SubspaceTracker]
+
+    def tracker(self, slot: str, width: int, like: Tensor) -> SubspaceTracker:
+        """The tracker of ``slot`` (created, or re-created when the width changed)."""
+        trk = self.trackers.get(slot)
+        if trk is None or trk.width != width:
+            trk = self.trackers[slot] = SubspaceTracker(width, self.config).to(like.device)
+        elif trk.basis.device != like.device:
+            trk.to(like.device)
+        return trk
+
+    def begin_step(self) -> None:
+        """Start a new step's byte accounting."""
+        self.stats = StorageStats()
+        for trk in self.trackers.values():
+            trk.begin_step()
+
+    def reset(self) -> None:
+        """Forget every basis and counter (as if freshly compressed)."""
+        self.trackers = {}
+        self.stats = StorageStats()
+
+
+class SiteWrapper(TrackerStore, nn.Module):
     """Applies a site's mechanism to every grad-enabled call of the wrapped module.
 
     Attributes:
@@ -79,6 +110,28 @@ class SiteWrapper(nn.Module):
                 raise
             return getattr(modules[WRAPPED], name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Writes reach the wrapped module too (``model.block.scale = 0.5`` must change what
+        # the block computes), except the wrapper's own state and nn.Module's internals.
+        modules = self.__dict__.get("_modules")
+        if (modules and WRAPPED in modules and name not in self.__dict__
+                and name not in _OWN and not hasattr(type(self), name)):
+            setattr(modules[WRAPPED], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def named_modules(self, memo: set | None = None, prefix: str = "",
+                      remove_duplicate: bool = True):
+        """The wrapper, then the wrapped module's tree under the SAME prefix: names seen from
+        the model (``named_parameters``, ``named_modules``) are the user's, without the
+        wrapper's attribute, so optimizer groups chosen by name keep working."""
+        memo = set() if memo is None else memo
+        if self not in memo or not remove_duplicate:
+            if remove_duplicate:
+                memo.add(self)
+            yield prefix, self
+        yield from self.wrapped.named_modules(memo, prefix, remove_duplicate)
+
     def __getitem__(self, key: Any) -> Any:  # a wrapped nn.Sequential block: model.body[0]
         return self.wrapped[key]
 
@@ -87,27 +140,6 @@ class SiteWrapper(nn.Module):
         if not torch.is_grad_enabled() or is_recomputing():
             return module(*args, **kwargs)
         return self.mechanism.call(self, args, kwargs)
-
-    # ------------------------------------------------------------------ state
-    def tracker(self, slot: str, width: int, like: Tensor) -> SubspaceTracker:
-        """The tracker of ``slot`` (created, or re-created when the width changed)."""
-        trk = self.trackers.get(slot)
-        if trk is None or trk.width != width:
-            trk = self.trackers[slot] = SubspaceTracker(width, self.config).to(like.device)
-        elif trk.basis.device != like.device:
-            trk.to(like.device)
-        return trk
-
-    def begin_step(self) -> None:
-        """Start a new step's byte accounting."""
-        self.stats = StorageStats()
-        for trk in self.trackers.values():
-            trk.begin_step()
-
-    def reset(self) -> None:
-        """Forget every basis and counter (as if freshly compressed)."""
-        self.trackers = {}
-        self.stats = StorageStats()
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, mechanism={self.mechanism.name!r}"
@@ -122,7 +154,11 @@ class _StepHook:
 
 
 def begin_step(model: nn.Module) -> None:
-    """Start a new step's byte accounting in every wrapper of ``model``."""
+    """Start a new step's byte accounting in every site of ``model``."""
     for m in model.modules():
         if isinstance(m, SiteWrapper):
             m.begin_step()
+        for hook in m._forward_pre_hooks.values():
+            store = getattr(hook, "__self__", None)
+            if isinstance(store, TrackerStore):
+                store.begin_step()

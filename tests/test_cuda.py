@@ -1,6 +1,7 @@
-"""Compressed models on a GPU: trackers live on the model's device, from compress(), from
-``.to()`` and from a loaded state. Skipped where no CUDA device is present (CI); run on a GPU
-machine with ``pytest tests/test_cuda.py``."""
+"""Compressed models on a GPU: trackers live on the device of the activations they store,
+whether the model was compressed there or compressed on the CPU and moved with ``.to()``
+(trackers are not submodules: each follows its activations on its next call). Skipped where
+no CUDA device is present (CI); run on a GPU machine with ``pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import laser_fx
 from laser_fx import LaserConfig
@@ -20,43 +22,63 @@ CASES = [("trm_attn", m) for m in ("auto", "linear", "region", "checkpoint")] + 
 
 
 def _loss(out):
-    return out.float().pow(2).mean()
+    return out.float().cumsum(-1).pow(2).mean()
 
 
 def _cuda(tree):
     return tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in tree)
 
 
-def _trackers_on_cuda(cmodel) -> bool:
-    trackers = [m for m in cmodel.modules() if isinstance(m, laser_fx.SubspaceTracker)]
-    return bool(trackers) and all(b.is_cuda for t in trackers for b in t.buffers())
+def _params(m: nn.Module) -> list[torch.Tensor]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def _trackers(cmodel: nn.Module) -> list[laser_fx.SubspaceTracker]:
+    return [t for m in cmodel.modules() if isinstance(m, laser_fx.SiteWrapper)
+            for t in m.trackers.values()]
+
+
+def _trackers_on(cmodel: nn.Module, device: str) -> bool:
+    trackers = _trackers(cmodel)
+    return bool(trackers) and all(b.device.type == device for t in trackers for b in t.buffers())
 
 
 @pytest.mark.parametrize(("name", "mode"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
 def test_compress_a_cuda_model_lossless(name, mode):
     model, inputs = ZOO[name]()
     model, inputs = model.cuda(), _cuda(inputs)
-    cmodel = laser_fx.compress(model, config=LaserConfig(energy=1.0, mode=mode, min_numel=0),
-                               example_inputs=inputs)
-    params = [p for p in model.parameters() if p.requires_grad]
+    cmodel = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs,
+                               config=LaserConfig(energy=1.0, mode=mode, min_numel=0))
     for _ in range(2):
-        got = torch.autograd.grad(_loss(cmodel(*inputs)), params)
-        want = torch.autograd.grad(_loss(model(*inputs)), params)
+        got = torch.autograd.grad(_loss(cmodel(*inputs)), _params(cmodel))
+        want = torch.autograd.grad(_loss(model(*inputs)), _params(model))
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
-    assert _trackers_on_cuda(cmodel)
+    assert _trackers_on(cmodel, "cuda")
 
 
 def test_compress_on_cpu_then_move_and_load_a_cpu_state():
     model, inputs = ZOO["trm_attn"]()
-    cmodel = laser_fx.compress(model, example_inputs=inputs).cuda()
-    inputs = _cuda(inputs)
-    _loss(cmodel(*inputs)).backward()  # slots are created lazily, on the GPU
-    assert _trackers_on_cuda(cmodel)
+    cmodel = laser_fx.compress(model, example_inputs=inputs)
+    assert cmodel is model
+    _loss(cmodel(*inputs)).backward()  # warm trackers, on the CPU
+    assert _trackers_on(cmodel, "cpu")
+    cmodel.cuda()
+    gpu_inputs = _cuda(inputs)
+    _loss(cmodel(*gpu_inputs)).backward()  # the warm trackers follow the activations
+    assert _trackers_on(cmodel, "cuda")
+    # a CPU state dict (the user's keys) loads strictly into a GPU compressed model ...
     state = {k: v.cpu() for k, v in cmodel.state_dict().items()}
-    fresh, _ = ZOO["trm_attn"]()
-    other = laser_fx.compress(fresh, example_inputs=ZOO["trm_attn"]()[1]).cuda()
-    other.load_state_dict(state)  # slots re-created by the load follow the model to the GPU
-    assert _trackers_on_cuda(other)
-    twin = copy.deepcopy(cmodel)
-    torch.testing.assert_close(other(*inputs), twin(*inputs), rtol=1e-5, atol=1e-6)
+    other = laser_fx.compress(ZOO["trm_attn"](seed=1)[0], example_inputs=inputs).cuda()
+    other.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(other(*gpu_inputs), cmodel(*gpu_inputs), rtol=1e-5, atol=1e-6)
+    # ... and into an uncompressed CPU model, which then computes the same on the CPU
+    plain = ZOO["trm_attn"](seed=2)[0]
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(*inputs), cmodel(*gpu_inputs).cpu(), rtol=1e-4,
+                                   atol=1e-5)
+    laser_fx.strip(cmodel)  # the original modules come back, still on the GPU
+    assert not laser_fx.is_compressed(cmodel)
+    assert all(p.is_cuda for p in cmodel.parameters())

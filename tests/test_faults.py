@@ -6,9 +6,14 @@ after a faulty step. Faults covered: NaN/Inf activations, all-zero and rank-1 ac
 bf16/fp16 models, batch size and sequence length changing between steps, an exception raised
 inside the shared block, ``retain_graph=True`` twice, ``create_graph=True``, and gradient
 accumulation over several forwards.
+
+`compress` works in place, so each test compresses a deep copy (`_compressed`) and compares it
+with the untouched original.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -32,8 +37,16 @@ def _params(m: nn.Module) -> list[torch.Tensor]:
     return [p for p in m.parameters() if p.requires_grad]
 
 
-def _grads(m: nn.Module, inputs: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(_loss(m(*inputs)), params)
+def _grads(m: nn.Module, inputs: tuple) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``m``'s own parameters (a compressed copy has the original's order)."""
+    return torch.autograd.grad(_loss(m(*inputs)), _params(m))
+
+
+def _compressed(model: nn.Module, inputs: tuple, **cfg) -> nn.Module:
+    """A compressed deep copy of ``model`` (compress modifies its argument in place)."""
+    return laser_fx.compress(
+        copy.deepcopy(model), config=LaserConfig(**cfg), example_inputs=inputs
+    )
 
 
 def _assert_grads_close(got, want, rtol=1e-4, floor=1e-6, what=""):
@@ -54,16 +67,21 @@ def _assert_grads_close(got, want, rtol=1e-4, floor=1e-6, what=""):
         )
 
 
-def _tracker_state_finite(cmodel: nn.Module) -> bool:
-    return all(
-        torch.isfinite(v).all()
-        for v in cmodel.laser_fx.state_dict().values()
-        if v.is_floating_point()
-    )
-
-
 def _trackers(cmodel: nn.Module) -> list[laser_fx.SubspaceTracker]:
-    return [m for m in cmodel.laser_fx.modules() if isinstance(m, laser_fx.SubspaceTracker)]
+    trackers = [
+        t for m in cmodel.modules() if isinstance(m, laser_fx.SiteWrapper)
+        for t in m.trackers.values()
+    ]
+    assert trackers, "no tracker was created: nothing was compressed"
+    return trackers
+
+
+def _tracker_state(cmodel: nn.Module) -> list[torch.Tensor]:
+    return [v for t in _trackers(cmodel) for v in t.state_dict().values()]
+
+
+def _tracker_state_finite(cmodel: nn.Module) -> bool:
+    return all(torch.isfinite(v).all() for v in _tracker_state(cmodel) if v.is_floating_point())
 
 
 def _seeded(cls, seed=0, **kw):
@@ -100,17 +118,17 @@ FLOAT_MODELS = {"looped": _looped, "rnn": _rnn}
 @pytest.mark.parametrize("name", list(FLOAT_MODELS))
 def test_nonfinite_step_is_stored_dense_and_training_recovers(name, fault, mode):
     model, (x,) = FLOAT_MODELS[name]()
-    params = _params(model)
-    cmodel = laser_fx.compress(
-        model, config=LaserConfig(mode=mode, **LOSSLESS), example_inputs=(x,)
-    )
-    _grads(cmodel, (x,), params)  # warm bases
+    # rank >= every width: lossless, and a fixed-rank tracker never backs off (in energy
+    # mode these few-row activations are incompressible, and a tracker backing off stores
+    # dense without looking at them, so it would not count the non-finite call)
+    cmodel = _compressed(model, (x,), mode=mode, rank=4096, fidelity=1.0, min_numel=0)
+    _grads(cmodel, (x,))  # warm bases
     bad = x.clone()
     bad[0, 0, 0] = float(fault)
     before = {id(t): int(t.dense_stores) for t in _trackers(cmodel)}
     out = cmodel(bad)  # (UnrolledRNN's tanh turns +-inf into +-1: its output can stay finite)
     _loss(out).backward()  # a non-finite step: the caller skips the optimizer step
-    model.zero_grad(set_to_none=True)
+    cmodel.zero_grad(set_to_none=True)
     rep = laser_fx.report(cmodel).to_dict()
     assert rep["totals"]["nonfinite"] > 0, "the non-finite step was not counted"
     assert _tracker_state_finite(cmodel), "non-finite values reached the tracker state"
@@ -125,9 +143,7 @@ def test_nonfinite_step_is_stored_dense_and_training_recovers(name, fault, mode)
     # the next clean steps are exact again
     for _ in range(2):
         torch.testing.assert_close(cmodel(x), model(x), rtol=0, atol=0)
-        _assert_grads_close(
-            _grads(cmodel, (x,), params), _grads(model, (x,), params), what="after fault"
-        )
+        _assert_grads_close(_grads(cmodel, (x,)), _grads(model, (x,)), what="after fault")
     assert _tracker_state_finite(cmodel)
 
 
@@ -163,19 +179,16 @@ def test_training_with_skipped_nonfinite_steps_stays_finite():
 @pytest.mark.parametrize("name", list(FLOAT_MODELS))
 def test_zero_and_rank1_activations(name, kind, mode):
     model, (x,) = FLOAT_MODELS[name]()
-    params = _params(model)
     if kind == "zeros":
         z = torch.zeros_like(x)
     else:  # every token the same direction: rank-1 input
         u = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(3))
         z = torch.randn(*x.shape[:-1], 1, generator=torch.Generator().manual_seed(4)) * u
     for energy in (1.0, 0.99):
-        cmodel = laser_fx.compress(
-            model, config=LaserConfig(mode=mode, energy=energy, min_numel=0), example_inputs=(x,)
-        )
+        cmodel = _compressed(model, (x,), mode=mode, energy=energy, min_numel=0)
         for inp in (z, x, z):  # degenerate first (cold tracker), then after a normal step
             torch.testing.assert_close(cmodel(inp), model(inp), rtol=0, atol=0)
-            got, want = _grads(cmodel, (inp,), params), _grads(model, (inp,), params)
+            got, want = _grads(cmodel, (inp,)), _grads(model, (inp,))
             assert all(torch.isfinite(g).all() for g in got)
             if energy == 1.0:
                 # rank-1 input: every token the same direction, so some weight gradients
@@ -206,21 +219,14 @@ def test_low_precision_model(dtype, mode):
         pytest.skip(f"{dtype} matmul backward not supported on this CPU")
     model, inputs = _trm()
     model.to(dtype)
-    params = _params(model)
-    cmodel = laser_fx.compress(
-        model, config=LaserConfig(mode=mode, **LOSSLESS), example_inputs=inputs
-    )
-    exact = laser_fx.compress(
-        model,
-        config=LaserConfig(mode=mode, store_dtype=torch.float32, **LOSSLESS),
-        example_inputs=inputs,
-    )
+    cmodel = _compressed(model, inputs, mode=mode, **LOSSLESS)
+    exact = _compressed(model, inputs, mode=mode, store_dtype=torch.float32, **LOSSLESS)
     for _ in range(2):
         out = cmodel(*inputs)
         assert out.dtype == dtype
         torch.testing.assert_close(out, model(*inputs), rtol=0, atol=0)
-        want = _grads(model, inputs, params)
-        got = _grads(cmodel, inputs, params)
+        want = _grads(model, inputs)
+        got = _grads(cmodel, inputs)
         assert all(g.dtype == dtype and torch.isfinite(g).all() for g in got)
         flat = lambda gs: torch.cat([g.float().flatten() for g in gs])  # noqa: E731
         rel = float((flat(got) - flat(want)).norm() / flat(want).norm())
@@ -229,14 +235,13 @@ def test_low_precision_model(dtype, mode):
         # 1.7% (bf16) / 0.08% (fp16) relative to the dense low-precision gradient
         assert rel < (0.04 if dtype == torch.bfloat16 else 0.005), f"rel err {rel:.4f}"
         # fp32 coefficients: the reconstruction rounds back to the exact activations
-        rel32 = float((flat(_grads(exact, inputs, params)) - flat(want)).norm() / flat(want).norm())
+        rel32 = float((flat(_grads(exact, inputs)) - flat(want)).norm() / flat(want).norm())
         assert rel32 < (1e-2 if dtype == torch.bfloat16 else 1e-3), (
             f"store_dtype=fp32 rel err {rel32:.5f}"
         )
     assert _tracker_state_finite(cmodel)
-    assert {v.dtype for v in cmodel.laser_fx.state_dict().values() if v.is_floating_point()} <= {
-        torch.float32
-    }
+    # bases and fidelities stay fp32 whatever the model's dtype
+    assert {v.dtype for v in _tracker_state(cmodel) if v.is_floating_point()} <= {torch.float32}
 
 
 # ------------------------------------------------------------------ shapes changing between steps
@@ -248,19 +253,17 @@ SHAPES = [(3, 8), (1, 8), (5, 5), (2, 11), (1, 1)]
 def test_batch_and_sequence_length_change_between_steps(mode):
     trm, (tok,) = _trm()
     looped, (x,) = _looped()
-    cfg = LaserConfig(mode=mode, **LOSSLESS)
-    ctrm = laser_fx.compress(trm, config=cfg, example_inputs=(tok,))
-    clooped = laser_fx.compress(looped, config=cfg, example_inputs=(x,))
+    ctrm = _compressed(trm, (tok,), mode=mode, **LOSSLESS)
+    clooped = _compressed(looped, (x,), mode=mode, **LOSSLESS)
     g = torch.Generator().manual_seed(2)
     for b, length in SHAPES:
         tokens = torch.randint(0, trm.vocab, (b, length), generator=g)
         feats = torch.randn(b, length, 32, generator=g)
         for model, cmodel, inp in ((trm, ctrm, tokens), (looped, clooped, feats)):
             torch.testing.assert_close(cmodel(inp), model(inp), rtol=0, atol=0)
-            params = _params(model)
             _assert_grads_close(
-                _grads(cmodel, (inp,), params),
-                _grads(model, (inp,), params),
+                _grads(cmodel, (inp,)),
+                _grads(model, (inp,)),
                 what=f"{type(model).__name__} B={b} L={length}",
             )
     assert _tracker_state_finite(ctrm) and _tracker_state_finite(clooped)
@@ -302,10 +305,7 @@ def test_exception_inside_block_leaves_no_hooks_and_next_step_is_exact(mode):
     model = _seeded(_RaisesInThirdCall)
     h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
     good, bad = torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), 8)
-    cmodel = laser_fx.compress(
-        model, config=LaserConfig(mode=mode, **LOSSLESS), example_inputs=(h, good)
-    )
-    params = _params(model)
+    cmodel = _compressed(model, (h, good), mode=mode, **LOSSLESS)
     for _ in range(2):
         with pytest.raises(IndexError):
             cmodel(h, bad)
@@ -315,9 +315,7 @@ def test_exception_inside_block_leaves_no_hooks_and_next_step_is_exact(mode):
         assert torch.equal(a.exp().grad_fn._saved_result, a.exp())
         torch.testing.assert_close(cmodel(h, good), model(h, good), rtol=0, atol=0)
         _assert_grads_close(
-            _grads(cmodel, (h, good), params),
-            _grads(model, (h, good), params),
-            what="after exception",
+            _grads(cmodel, (h, good)), _grads(model, (h, good)), what="after exception"
         )
     assert _tracker_state_finite(cmodel)
 
@@ -329,10 +327,10 @@ def test_exception_inside_block_leaves_no_hooks_and_next_step_is_exact(mode):
 @pytest.mark.parametrize("mode", ["auto", "linear", "region", "checkpoint"])
 def test_backward_twice_with_retain_graph(mode):
     model, inputs = _trm()
-    params = _params(model)
     cmodel = laser_fx.compress(
         model, config=LaserConfig(mode=mode, min_numel=0), example_inputs=inputs
     )
+    params = _params(cmodel)
     loss = _loss(cmodel(*inputs))
     first = torch.autograd.grad(loss, params, retain_graph=True)
     second = torch.autograd.grad(loss, params, retain_graph=True)
@@ -345,8 +343,9 @@ def test_backward_twice_with_retain_graph(mode):
         torch.autograd.grad(loss, params)
 
 
-def _hvp_like(model, inputs, params):
+def _hvp_like(model, inputs):
     """Gradient of ||grad||² w.r.t. the parameters (a double backward)."""
+    params = _params(model)
     grads = torch.autograd.grad(_loss(model(*inputs)), params, create_graph=True)
     total = sum((g.float() ** 2).sum() for g in grads if g.requires_grad)
     out = torch.autograd.grad(total, params, allow_unused=True)
@@ -359,13 +358,10 @@ def _hvp_like(model, inputs, params):
 def test_create_graph_is_exact_or_a_clear_error(mode):
     # UnrolledRNN: tanh cell, no attention (CPU SDPA has no double backward of its own)
     model, inputs = _rnn()
-    params = _params(model)
-    want = _hvp_like(model, inputs, params)
-    cmodel = laser_fx.compress(
-        model, config=LaserConfig(mode=mode, **LOSSLESS), example_inputs=inputs
-    )
+    want = _hvp_like(model, inputs)
+    cmodel = _compressed(model, inputs, mode=mode, **LOSSLESS)
     try:
-        got = _hvp_like(cmodel, inputs, params)
+        got = _hvp_like(cmodel, inputs)
     except LaserFxError as e:  # refusing is fine, if it says why and what to do
         assert "create_graph" in str(e) and "exclude" in str(e).lower()
         return
@@ -378,21 +374,15 @@ def test_create_graph_is_exact_or_a_clear_error(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_gradient_accumulation_over_several_forwards(mode):
     model, _ = _trm()
-    params = _params(model)
-    cmodel = laser_fx.compress(
-        model,
-        config=LaserConfig(mode=mode, **LOSSLESS),
-        example_inputs=(torch.zeros(2, 8, dtype=torch.long),),
-    )
+    cmodel = _compressed(model, (torch.zeros(2, 8, dtype=torch.long),), mode=mode, **LOSSLESS)
     g = torch.Generator().manual_seed(7)
     micro = [torch.randint(0, model.vocab, (b, 8), generator=g) for b in (2, 3, 1)]
     # several forwards alive at once (the trackers move on between them), one backward
-    got = torch.autograd.grad(sum(_loss(cmodel(x)) for x in micro), params)
-    want = torch.autograd.grad(sum(_loss(model(x)) for x in micro), params)
+    got = torch.autograd.grad(sum(_loss(cmodel(x)) for x in micro), _params(cmodel))
+    want = torch.autograd.grad(sum(_loss(model(x)) for x in micro), _params(model))
     _assert_grads_close(got, want, what="one backward")
     # the usual loop: backward per micro-batch into .grad
-    model.zero_grad(set_to_none=True)
     for x in micro:
         _loss(cmodel(x)).backward()
-    acc = [p.grad.clone() for p in params]
+    acc = [p.grad.clone() for p in _params(cmodel)]
     _assert_grads_close(acc, want, what="per-micro-batch backward")

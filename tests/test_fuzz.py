@@ -3,8 +3,8 @@
 Every mechanism (lossless) and the default config run side by side; a run interleaves
 forwards (random batch size and sequence length, sometimes NaN / Inf / all-zero inputs),
 backwards of every forward still alive, optimizer steps, and ``state_dict`` round trips
-through ``torch.load(weights_only=True)`` into a freshly compressed model. Invariants after
-every rule:
+through ``torch.load(weights_only=True)`` into a freshly compressed model (cold trackers: their
+state is not in the state dict). Invariants after every rule:
 
 * the forward equals the uncompressed model's bitwise (NaN where it has NaN);
 * at ``energy=1.0`` the gradients equal the uncompressed ones (norm-wise, 1e-4);
@@ -14,15 +14,17 @@ every rule:
 
 from __future__ import annotations
 
+import copy
 import io
 
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from torch import nn
 
 import laser_fx
-from laser_fx import LaserConfig, SubspaceTracker
+from laser_fx import LaserConfig, SiteWrapper, SubspaceTracker
 from laser_fx.testing.zoo import LoopedTransformer
 
 _D = 32  # > the most tokens a forward has (3 x 6): energy=1.0 still stores low-rank
@@ -38,6 +40,16 @@ def _build(seed: int = 0) -> LoopedTransformer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LoopedTransformer(d=_D, heads=2, loops=2)
+
+
+def _arm(model: nn.Module, config: LaserConfig, example: torch.Tensor) -> nn.Module:
+    """A compressed copy of ``model`` that shares its parameters (compress works in place)."""
+    twin = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    return laser_fx.compress(twin, config=config, example_inputs=(example,))
+
+
+def _trackers(cmodel: nn.Module) -> list[SubspaceTracker]:
+    return [t for m in cmodel.modules() if isinstance(m, SiteWrapper) for t in m.trackers.values()]
 
 
 #: arms trained side by side: every mechanism lossless (gradients must equal the dense ones)
@@ -63,11 +75,10 @@ class CompressedTraining(RuleBasedStateMachine):
         self.model = _build()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(0)
-        example = (torch.randn(2, 4, _D, generator=gen),)
-        self.cmodels = {
-            a: laser_fx.compress(self.model, config=c, example_inputs=example)
-            for a, c in ARMS.items()
-        }
+        example = torch.randn(2, 4, _D, generator=gen)
+        self.cmodels = {a: _arm(self.model, c, example) for a, c in ARMS.items()}
+        assert all(p is q for c in self.cmodels.values()
+                   for p, q in zip(c.parameters(), self.params, strict=True))
         self.pending: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         self.grads: list[torch.Tensor] | None = None
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-2)
@@ -129,28 +140,30 @@ class CompressedTraining(RuleBasedStateMachine):
         torch.save(self.cmodels[arm].state_dict(), buf)
         buf.seek(0)
         state = torch.load(buf, weights_only=True)
-        before = {k: v.clone() for k, v in self.cmodels[arm].laser_fx.state_dict().items()}
+        twin = self.model.state_dict()
+        assert state.keys() == twin.keys()  # the user's keys, nothing of laser_fx's
+        assert all(torch.equal(state[k], twin[k]) for k in twin)
         example = torch.randn(1, 3, _D, generator=self.gen)
-        fresh = laser_fx.compress(self.model, config=ARMS[arm], example_inputs=(example,))
-        fresh.load_state_dict(state)
-        after = fresh.laser_fx.state_dict()
-        assert before.keys() == after.keys()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        self.cmodels[arm] = fresh
+        fresh = _arm(_build(seed=1), ARMS[arm], example)  # other weights, its own tensors
+        fresh.load_state_dict(state)  # strict
+        for p, q in zip(fresh.parameters(), self.params, strict=True):
+            assert torch.equal(p, q)
+        # then share the twin's tensors again (the arm must keep following its steps)
+        self.cmodels[arm] = _arm(self.model, ARMS[arm], example)
 
     @invariant()
     def tracker_state_is_finite(self) -> None:
         for arm, cmodel in self.cmodels.items():
-            for k, v in cmodel.laser_fx.state_dict().items():
-                if v.is_floating_point():
-                    assert torch.isfinite(v).all(), f"{arm}: non-finite tracker state {k}"
+            for t in _trackers(cmodel):
+                for k, v in t.state_dict().items():
+                    if v.is_floating_point():
+                        assert torch.isfinite(v).all(), f"{arm}: non-finite tracker state {k}"
 
     @invariant()
     def stored_at_most_dense(self) -> None:
         for arm, cmodel in self.cmodels.items():
-            for t in cmodel.laser_fx.modules():
-                if isinstance(t, SubspaceTracker):
-                    assert int(t.stored_bytes) <= int(t.dense_bytes), (arm, t.stats())
+            for t in _trackers(cmodel):
+                assert int(t.stored_bytes) <= int(t.dense_bytes), (arm, t.stats())
             totals = laser_fx.report(cmodel).to_dict()["totals"]
             assert totals["stored_bytes"] >= 0 and totals["dense_bytes"] >= 0
 

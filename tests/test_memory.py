@@ -177,6 +177,31 @@ def test_traced_model_keeps_what_the_model_keeps_and_compression_keeps_less():
     assert comp.peak >= comp.after_forward
 
 
+class _KwModel(nn.Module):
+    """``forward(x, *, mask=None)``: the keyword input changes what is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.relu(self.lin(x))
+        return h if mask is None else h * mask
+
+
+def test_keyword_inputs_reach_the_model():
+    model, x = _KwModel(), torch.randn(6, 4)
+    mask = torch.rand(6, 8)
+    plain = measure_activation_memory(model, (x,))
+    masked = measure_activation_memory(model, (x,), kwargs={"mask": mask})
+    assert plain.after_forward == 6 * 8 * F32  # relu's output
+    # mul saves relu's output (already counted) and the mask (an input: not counted)
+    assert masked.after_forward == plain.after_forward
+    with torch.no_grad():
+        assert masked.loss == pytest.approx(float((model(x) * mask).sum()), rel=1e-5)
+        assert masked.loss != pytest.approx(plain.loss)
+
+
 _ERRORS = [
     pytest.param(dict(loss_fn=lambda out: out), "must return a scalar tensor.*shape",
                  id="non-scalar"),

@@ -438,3 +438,25 @@ def test_property_a_record_is_never_larger_than_the_activation(rows_per_call, wi
         if packed.is_dense:
             assert torch.equal(tracker.decompress(packed), x)
     assert int(tracker.stored_bytes) <= int(tracker.dense_bytes)
+
+
+def test_storage_stats_counts_packs_bases_once_and_skips_parameters():
+    # StorageStats lives beside Packed (laser_fx.tracker): what a mechanism kept, in bytes
+    from laser_fx.tracker import StorageStats
+
+    trk = SubspaceTracker(16, LaserConfig(rank=2, min_numel=0))
+    x = torch.randn(32, 2) @ torch.randn(2, 16)
+    stats = StorageStats()
+    packs = [trk.compress(x), trk.compress(x)]  # same basis version: counted once
+    for p in packs:
+        stats.add_packed(x, p)
+    stats.add_passthrough(torch.randn(3, 5))
+    stats.add_passthrough(torch.nn.Parameter(torch.randn(100)))  # a weight: not an activation
+    assert packs[0].basis is packs[1].basis
+    assert stats.packed == 2 and stats.dense_bytes == 2 * 32 * 16 * 4
+    assert stats.stored_bytes == sum(p.nbytes for p in packs) < stats.dense_bytes
+    assert stats.basis_bytes == 16 * 2 * 4
+    assert stats.passthrough_bytes == 15 * 4
+    d = stats.to_dict()
+    assert d["total_stored_bytes"] == stats.stored_bytes + stats.basis_bytes + 15 * 4
+    assert d["seen_bytes"] == stats.dense_bytes + 15 * 4

@@ -362,8 +362,8 @@ def write_report(
         f" (written {time.strftime('%Y-%m-%d %H:%M')}).",
         "",
         "Each run trains both arms in lockstep from the same initial weights on the same batches"
-        " (LASER: `laser_fx.compress(model)` with the default `LaserConfig`; its energy is in"
-        " each task's config). Accuracy on"
+        " (LASER: a deep copy of the baseline compressed in place by `laser_fx.compress` with"
+        " the default `LaserConfig`; its energy is in each task's config). Accuracy on"
         " held-out puzzles (a different data seed), raw weights, all ACT steps;"
         " mean ± std over seeds. p: Welch's two-sided t-test, baseline vs LASER; and, since"
         " seed k of both arms shares weights and batches, the per-seed difference with its 95%"
@@ -425,6 +425,10 @@ def write_report(
             lines.append(f"\nActivation memory LASER / baseline: {statistics.fmean(ratios):.3f}x;"
                          f" step time LASER / baseline: {statistics.fmean(times):.2f}x"
                          f" (min {min(times):.2f}, max {max(times):.2f}).")
+        secs = [r["run"]["compress_seconds"] for r in arms.get("laser", [])
+                if "compress_seconds" in r["run"]]  # absent in runs recorded before it was
+        if secs:
+            lines.append(f"`laser_fx.compress` took {min(secs):.2f}-{max(secs):.2f} s per run.")
         lines.append("")
     plot = _plot(out_dir, data)
     if plot is not None:

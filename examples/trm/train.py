@@ -2,8 +2,10 @@
 
 Both arms start from the same initial weights and see the same batches; they train in
 lockstep (one step of each, alternating) so their step times are measured under the same
-machine load. The LASER arm trains through ``laser_fx.compress(model, ...)``, whose
-parameters are the model's own (its optimizer is built on ``model.parameters()``).
+machine load. The LASER arm is a deep copy of the baseline compressed IN PLACE by
+``laser_fx.compress(twin, example_inputs=...)``: it stays a `TRM` (``initial_carry``, its
+state dict keys, train/eval) whose shared block ``net`` is swapped for a wrapper; its
+optimizer is built on its own ``parameters()``.
 
 Usage::
 
@@ -17,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -115,10 +118,10 @@ def _lr_at(step: int, args: argparse.Namespace) -> float:
 
 
 class _Arm:
-    """One trained model: the module trained through, its optimizer, EMA, carry and timings."""
+    """One trained model: the model (compressed in place for LASER), optimizer, EMA, carry, timings."""
 
-    def __init__(self, name: str, model: TRM, module: torch.nn.Module, args, seed: int, data):
-        self.name, self.model, self.module = name, model, module
+    def __init__(self, name: str, model: TRM, args, seed: int, data):
+        self.name, self.model = name, model
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
         )
@@ -138,7 +141,7 @@ class _Arm:
         _sync(args.device)
         t0 = time.perf_counter()
         inputs, labels, y, z = self.ds.next()
-        logits, q, y, z = self.module(inputs, y, z)
+        logits, q, y, z = self.model(inputs, y, z)
         loss, metrics = trm_loss(logits, labels, q)
         loss.backward()
         if args.grad_clip > 0:
@@ -160,10 +163,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _memory(module: torch.nn.Module, model: TRM, inputs, labels) -> dict[str, int]:
+def _memory(model: TRM, inputs, labels) -> dict[str, int]:
     y, z = model.initial_carry(inputs.shape[0])
     mem = laser_fx.measure_activation_memory(
-        module, (inputs, y, z), lambda out: trm_loss(out[0], labels, out[1])[0]
+        model, (inputs, y, z), lambda out: trm_loss(out[0], labels, out[1])[0]
     )
     model.zero_grad(set_to_none=True)  # the measurement's backward wrote .grad
     return {"activation_bytes": mem.after_forward, "peak_bytes": mem.peak}
@@ -218,17 +221,19 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
     )
     torch.manual_seed(seed)
     base = TRM(cfg).to(args.device)
-    arms = [("baseline", base, base)]
+    arms = [("baseline", base)]
     probe_x, probe_y = data[0][: args.batch], data[1][: args.batch]
-    cmodel = None
+    laser = None
+    compress_s = 0.0
     if args.laser:
-        twin = TRM(cfg).to(args.device)
-        twin.load_state_dict(base.state_dict())  # same initial weights: a paired comparison
-        y0, z0 = twin.initial_carry(args.batch)
-        cmodel = laser_fx.compress(twin, config=_laser_config(args), example_inputs=(probe_x, y0, z0))
-        arms.append(("laser", twin, cmodel))
-    start_memory = {name: _memory(module, model, probe_x, probe_y) for name, model, module in arms}
-    runners = [_Arm(name, model, module, args, seed, data) for name, model, module in arms]
+        laser = copy.deepcopy(base)  # same initial weights: a paired comparison
+        y0, z0 = laser.initial_carry(args.batch)
+        t0 = time.perf_counter()
+        laser_fx.compress(laser, config=_laser_config(args), example_inputs=(probe_x, y0, z0))
+        compress_s = time.perf_counter() - t0
+        arms.append(("laser", laser))
+    start_memory = {name: _memory(model, probe_x, probe_y) for name, model in arms}
+    runners = [_Arm(name, model, args, seed, data) for name, model in arms]
     bar = tqdm(range(args.steps), desc=f"seed {seed}", disable=not args.progress, file=sys.stderr)
     t_start = time.perf_counter()
     steps_done = 0
@@ -252,7 +257,7 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
         for arm in runners:
             _save_model(arm, cfg, args, seed)
     # measured again after training: LASER's ranks follow the trained activations' spectra
-    memory = {a.name: _memory(a.module, a.model, probe_x, probe_y) for a in runners}
+    memory = {a.name: _memory(a.model, probe_x, probe_y) for a in runners}
     result: dict[str, Any] = {"seed": seed, "train_seconds": train_s, "steps_done": steps_done,
                               "arms": {}}
     for arm in runners:
@@ -269,9 +274,10 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
         final = result["arms"][arm.name]["eval"]["raw"]
         result["arms"][arm.name]["curve"] = [*arm.curve,
                                              [steps_done, final["exact_acc"], final["token_acc"]]]
-    if cmodel is not None:
-        report = laser_fx.report(cmodel)
+    if laser is not None:
+        report = laser_fx.report(laser)  # bytes of the memory measurement's step, on probe_x
         result["laser_report"] = report.to_dict()
+        result["compress_seconds"] = compress_s
         log(f"LASER per-site report (seed {seed}):\n{report}\n")
         b, c = result["arms"]["baseline"], result["arms"]["laser"]
         result["memory_ratio"] = c["activation_bytes"] / max(b["activation_bytes"], 1)
@@ -291,7 +297,9 @@ def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
         {"config": options, "eval_weights": ..., "runs": [per-seed results]}: per arm,
         activation and peak bytes of one step on the same batch after training (and the
         activation bytes before it), median step time,
-        first/last loss (mean of the first/last tenth of the steps), and held-out exact and token accuracy with raw and EMA weights.
+        first/last loss (mean of the first/last tenth of the steps), and held-out exact and
+        token accuracy with raw and EMA weights; with LASER also the per-site report and the
+        seconds `laser_fx.compress` took.
     """
     defaults = vars(build_parser().parse_args([]))
     opts = {**defaults, **(vars(args) if args is not None else {})}
@@ -354,6 +362,8 @@ def summarize(result: dict[str, Any]) -> str:
                 f" ({1 - r['memory_ratio']:.0%} saved), step time {r['step_time_ratio']:.2f}x"
                 " (medians, steps interleaved)"
             )
+            lines.append(f"  laser_fx.compress (in place: probe run, swap, one check run):"
+                         f" {r['compress_seconds']:.2f} s")
     return "\n".join(lines)
 
 

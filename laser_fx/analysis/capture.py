@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
+from .._isolated import cuda_devices, isolated
 from ..errors import ConfigError
 from ..probe import _as_tuple, find_sites
 from ..sites import Site, SiteSelector, select
@@ -73,8 +75,9 @@ def _tensor_args(args: tuple, kwargs: dict[str, Any]) -> list[Tensor]:
 
 def _op_module(model: nn.Module, site: Site) -> nn.Module | None:
     """The ``nn.Linear``/``nn.ConvNd`` owning the site's parameter, if it applies it itself."""
-    if site.param is None:
-        return None
+    if site.param is None:  # a shared nn.Linear / nn.ConvNd module: the site is its path
+        mod = model.get_submodule(site.name)
+        return mod if isinstance(mod, (nn.Linear, *_CONV)) else None
     owner = site.param.rsplit(".", 1)[0] if "." in site.param else ""
     try:
         mod = model.get_submodule(owner)
@@ -153,22 +156,14 @@ def capture_activations(
                 )
                 continue
         handles.append(mod.register_forward_pre_hook(hook_for(site, conv), with_kwargs=True))
-    was_training = {m: m.training for m in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    flat = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.is_cuda]
-    devices = sorted({t.device.index or 0 for t in flat})
+    devices = cuda_devices(tree_leaves((args, kwargs)))
     try:
-        model.train()
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with isolated(model, devices=devices), torch.enable_grad():
+            model.train()
             model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in was_training.items():
-            m.training = mode
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
     ordered = [c for site in chosen for (name, _), c in captures.items() if name == site.name]
     for site in chosen:
         if site.name in notes:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._isolated import isolated
 from ..config import LaserConfig
 from ..errors import ConfigError
 from ..probe import _as_tuple
@@ -96,30 +97,27 @@ def memory_by_site(
 ) -> dict[str, dict[str, Any]]:
     """Bytes each compressed site stores vs dense, after one training forward.
 
-    Compresses ``model`` (parameters shared, not modified; RNG and buffers restored), runs one
-    grad-enabled training forward and reads `laser_fx.report`.
+    Compresses ``model`` in place, runs one grad-enabled training forward, reads
+    `laser_fx.report` and strips the model again (`laser_fx.strip`; RNG and buffers restored),
+    so the caller's model is left uncompressed.
 
     Returns:
         site name -> ``mechanism``, ``rank``, ``stored_bytes``, ``dense_bytes``, ``saved``
         (1 - stored/dense, None when nothing was stored).
     """
-    from ..api import compress, report  # api imports the package; import when called
+    from ..api import compress, report, strip  # api imports the package; import when called
 
     args, kwargs = _as_tuple(inputs), dict(example_kwargs or {})
     cmodel = compress(model, config=config, example_inputs=args, example_kwargs=kwargs or None)
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    training = model.training
     try:
-        cmodel.train()
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with isolated(model), torch.enable_grad():
+            cmodel.train()
             cmodel(*args, **kwargs)
+        rows = report(cmodel).to_dict()["sites"]
     finally:
-        model.train(training)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+        strip(cmodel)  # compress works in place: give the caller's modules back
     out = {}
-    for s in report(cmodel).to_dict()["sites"]:
+    for s in rows:
         dense = s["dense_bytes"]
         out[s["name"]] = {
             "mechanism": s["mechanism"], "rank": s["rank"], "stored_bytes": s["stored_bytes"],

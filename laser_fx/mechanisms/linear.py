@@ -15,20 +15,20 @@ from ..ops.linear import compressed_linear
 from ..ops.region import _Kept
 from .base import Mechanism
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "LinearOps"]
 
 _LINEAR = {F.linear}
 _MATMUL = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__}
 
 
-class _LinearOps(TorchFunctionMode):
+class LinearOps(TorchFunctionMode):
     """Routes ``F.linear(x, W)`` and ``x @ W`` with ``W`` a parameter of the wrapped module (or
     a cast / transpose of one) to `compressed_linear`, one tracker per parameter."""
 
-    def __init__(self, wrapper: Any) -> None:
+    def __init__(self, state: Any, named_params: Any) -> None:
         super().__init__()
-        self.wrapper = wrapper
-        self.origins = WeightOrigins(wrapper.wrapped.named_parameters())
+        self.wrapper = state  # anything with .tracker(slot, width, like): a SiteWrapper, a ParamSite
+        self.origins = WeightOrigins(named_params)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -61,13 +61,16 @@ class Linear(Mechanism):
 
     def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
         stats = wrapper.stats
-        trackers = list(wrapper.trackers.values())
-        before = [(int(t.stored_bytes), int(t.dense_bytes)) for t in trackers]
+        before = {id(t): (int(t.stored_bytes), int(t.dense_bytes))
+                  for t in wrapper.trackers.values()}
         seen: dict[int, weakref.ref] = {}
         kept = 0
 
         def pack(t: Tensor) -> _Kept:
             nonlocal kept
+            if any(t is trk.basis for trk in wrapper.trackers.values()):
+                stats._bases.setdefault(id(t), t)  # shared by records: counted once a step
+                return _Kept(t)
             storage = t.untyped_storage()
             ref = seen.get(id(storage))
             is_weight = t.is_leaf and t.requires_grad
@@ -76,12 +79,14 @@ class Linear(Mechanism):
                 kept += storage.nbytes()
             return _Kept(t)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, _Kept.get), _LinearOps(wrapper):
+        with torch.autograd.graph.saved_tensors_hooks(pack, _Kept.get), LinearOps(
+            wrapper, wrapper.wrapped.named_parameters()
+        ):
             out = wrapper.wrapped(*args, **kwargs)
-        # what the call kept, minus what the trackers stored, plus what they were given
+        # uncompressed: what the call kept, less what the trackers stored, plus what they got
         stored = dense = 0
         for t in wrapper.trackers.values():
-            s0, d0 = next((b for trk, b in zip(trackers, before) if trk is t), (0, 0))
+            s0, d0 = before.get(id(t), (0, 0))
             stored += int(t.stored_bytes) - s0
             dense += int(t.dense_bytes) - d0
         stats.stored_bytes += kept

@@ -38,13 +38,17 @@ __all__ = ["compressed_checkpoint", "is_recomputing"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _local = threading.local()
+#: marks where a tensor goes in a flat leaf list (None is a real leaf: HF's head_mask=None)
+_HOLE = object()
 
 
 def is_recomputing() -> bool:
-    """Whether a compressed checkpoint is re-running its block for backward on this thread.
+    """Whether a compressed checkpoint is running its block on this thread (its forward,
+    which keeps nothing, or its re-run for backward).
 
-    Compressed ops called during that re-run behave as their plain op: the re-run's graph is
-    consumed at once, so compressing it saves nothing and would feed the trackers twice.
+    Compressed ops called inside behave as their plain op: the forward keeps nothing and the
+    re-run's graph is consumed at once, so compressing saves nothing and would feed the
+    trackers twice.
     """
     return getattr(_local, "depth", 0) > 0
 
@@ -65,11 +69,14 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
 
 
 def _is_weight(t: torch.Tensor) -> bool:
-    return isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+    """A parameter, a leaf requiring grad, or a view of one (``w.t()`` saved by ``linear``)."""
+    base = t if t._base is None else t._base
+    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
 
 
 def hidden_grad_tensors(obj: Any, path: str = "", depth: int = 0) -> list[str]:
-    """Paths of tensors requiring grad inside dataclasses (which pytree does not open).
+    """Paths of tensors requiring grad inside objects pytree does not open (dataclasses, a
+    cache object's attributes).
 
     A compressed checkpoint sees only the tensors pytree flattens out of its arguments; a
     tensor that requires grad inside another container would lose its gradient silently.
@@ -88,6 +95,9 @@ def hidden_grad_tensors(obj: Any, path: str = "", depth: int = 0) -> list[str]:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             found += hidden_grad_tensors(v, f"{path}[{i}]", depth + 1)
+    elif not isinstance(obj, (type, nn.Module)) and isinstance(getattr(obj, "__dict__", None), dict):
+        for k, v in vars(obj).items():  # e.g. a key/value cache object passed to a layer
+            found += hidden_grad_tensors(v, f"{path}.{k}", depth + 1)
     return found
 
 
@@ -127,7 +137,7 @@ class _Run:
                  buffer_modules) -> None:
         self.fn = fn
         self.spec = spec  # pytree spec of (args, kwargs)
-        self.template = template  # flat leaves, tensors replaced by None
+        self.template = template  # flat leaves, tensors replaced by _HOLE
         self.n_inputs = n_inputs
         self.params = params
         self.stats = stats
@@ -152,7 +162,10 @@ class _Run:
     def record_versions(self, inputs: Sequence[torch.Tensor]) -> None:
         entries = [(f"input {i} of shape {tuple(t.shape)}", t) for i, t in enumerate(inputs)]
         entries += [(f"parameter of shape {tuple(p.shape)}", p) for p in self.params]
-        self.versions = [(what, weakref.ref(t), t._version) for what, t in entries]
+        # A view passed as input (``x[:, 1:]``) dies after the call, but shares its version
+        # counter with its base, which lives as long as anyone can modify it in place.
+        self.versions = [(what, weakref.ref(t if t._base is None else t._base), t._version)
+                         for what, t in entries]
 
     def check_versions(self) -> None:
         for what, ref, version in self.versions:
@@ -168,7 +181,7 @@ class _Run:
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """RNG and autocast state of the forward, buffers put back, for the re-run only."""
+        """RNG and autocast state of the forward, for the re-run only (buffers: `backward`)."""
         with contextlib.ExitStack() as stack:
             if self.preserve_rng:
                 stack.enter_context(torch.random.fork_rng(devices=self.devices))
@@ -177,26 +190,32 @@ class _Run:
                     torch.cuda.set_rng_state(s, d)
             for device, dtype in self.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
-            stack.enter_context(restore_buffers(self.buffer_modules))
             yield
 
     def call(self, inputs: Sequence[torch.Tensor]) -> Any:
         it = iter(inputs)
-        leaves = [next(it) if a is None else a for a in self.template]
+        leaves = [next(it) if a is _HOLE else a for a in self.template]
         args, kwargs = tree_unflatten(leaves, self.spec)
         return self.fn(*args, **kwargs)
 
 
-def _drop_pack(stats: StorageStats | None) -> Callable[[torch.Tensor], None]:
-    """Pack hook of the forward: keeps nothing, counts what plain autograd would keep."""
-    seen: set[int] = set()
+def _drop_pack(
+    stats: StorageStats | None, inputs: Sequence[torch.Tensor] = ()
+) -> Callable[[torch.Tensor], None]:
+    """Pack hook of the forward: keeps nothing, counts what plain autograd would keep.
+
+    ``inputs`` are the detached leaves the block runs on: they look like weights (leaves
+    requiring grad) but are activations that plain autograd would keep.
+    """
+    seen: dict[int, weakref.ref] = {}
 
     def pack(t: torch.Tensor) -> None:
-        if stats is not None and not _is_weight(t):
-            key = id(t.untyped_storage())
-            if key not in seen:
-                seen.add(key)
-                stats.uncompressed_bytes += t.untyped_storage().nbytes()
+        if stats is not None and (any(t is i for i in inputs) or not _is_weight(t)):
+            storage = t.untyped_storage()
+            ref = seen.get(id(storage))
+            if ref is None or ref() is not storage:  # ids of freed storages are reused
+                seen[id(storage)] = weakref.ref(storage)
+                stats.uncompressed_bytes += storage.nbytes()
         return None
 
     return pack
@@ -221,12 +240,15 @@ class _CompressedCheckpoint(torch.autograd.Function):
             else t.detach()
             for t in inputs
         ]
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
-            _drop_pack(run.stats), _never_unpack
+        # `_recomputing`: compressed ops inside (a region, a nested checkpoint) act as plain
+        # ops here too, since nothing this run saves is kept (and their own hooks would hide
+        # the saves from `_drop_pack`'s count).
+        with _recomputing(), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+            _drop_pack(run.stats, probe), _never_unpack
         ):
             out = run.call(probe)
         leaves, run.out_spec = tree_flatten(out)
-        run.out_leaves = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+        run.out_leaves = [_HOLE if isinstance(v, torch.Tensor) else v for v in leaves]
         outs = [v for v in leaves if isinstance(v, torch.Tensor)]
         ret = tuple(o.detach() for o in outs)
         frozen = [r for r, o in zip(ret, outs, strict=True) if not o.requires_grad]
@@ -246,13 +268,22 @@ class _CompressedCheckpoint(torch.autograd.Function):
             )
         run.check_versions()
         saved = ctx.saved_tensors  # PyTorch's own error if the graph was already freed
-        n = run.n_inputs
         needs = ctx.needs_input_grad[1:]
         inputs = [
             s.detach().requires_grad_(bool(needs[i])) if s.is_floating_point() or s.is_complex()
             else s.detach()
             for i, s in enumerate(saved)
         ]
+        # Buffers (BatchNorm statistics) the re-run updates are put back only after
+        # autograd.grad below: the re-run saved them for its backward, and putting them back
+        # bumps their version counters ("modified by an inplace operation").
+        with restore_buffers(run.buffer_modules):
+            return _CompressedCheckpoint._rerun_backward(run, inputs, grads, needs)
+
+    @staticmethod
+    def _rerun_backward(run: _Run, inputs: list[torch.Tensor], grads: Sequence[Any],
+                        needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+        n = run.n_inputs
         with _recomputing(), torch.enable_grad(), run.replay():
             out = run.call(inputs)
         outs = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
@@ -271,7 +302,8 @@ class _CompressedCheckpoint(torch.autograd.Function):
                     f"The checkpointed block {run.name} reads tensors that require grad but "
                     f"are neither its inputs nor its parameters (shapes {shapes}); their "
                     "gradients would be lost. Pass them to the block as arguments, or with "
-                    "`params=[...]`."
+                    "`params=[...]`; a cache of an earlier call (Hugging Face use_cache=True) "
+                    "does this: build the model with use_cache=False."
                 )
             got = torch.autograd.grad(
                 [o for o, _ in pairs],
@@ -284,8 +316,9 @@ class _CompressedCheckpoint(torch.autograd.Function):
         return (None, *result)
 
 
-def _resolve_trackers(trackers: Any, tensors: Sequence[torch.Tensor]) -> list[Any]:
-    """One tracker (or None: keep exact) per tensor input."""
+def _resolve_trackers(trackers: Any, tensors: Sequence[torch.Tensor],
+                      dims: Sequence[int]) -> list[Any]:
+    """One tracker (or None: keep exact) per tensor input; widths read along ``dims``."""
     if callable(trackers) and not hasattr(trackers, "compress"):
         return [trackers(i, t) for i, t in enumerate(tensors)]
     if hasattr(trackers, "compress") and hasattr(trackers, "width"):
@@ -293,8 +326,9 @@ def _resolve_trackers(trackers: Any, tensors: Sequence[torch.Tensor]) -> list[An
     if isinstance(trackers, (Mapping, nn.ModuleDict)):
         by_width = {int(k): v for k, v in trackers.items()}
         return [
-            by_width.get(t.shape[-1]) if t.is_floating_point() and t.ndim >= 1 else None
-            for t in tensors
+            by_width.get(t.shape[d]) if t.is_floating_point() and -t.ndim <= d < t.ndim
+            else None
+            for t, d in zip(tensors, dims, strict=True)
         ]
     if isinstance(trackers, (list, tuple, nn.ModuleList)):
         if len(trackers) != len(tensors):
@@ -304,8 +338,8 @@ def _resolve_trackers(trackers: Any, tensors: Sequence[torch.Tensor]) -> list[An
                 "pytree flattens (args, kwargs)), or a {width: tracker} map."
             )
         out = list(trackers)
-        for i, (t, a) in enumerate(zip(out, tensors, strict=True)):
-            if t is not None and a.shape[-1:] != (t.width,):
+        for i, (t, a, d) in enumerate(zip(out, tensors, dims, strict=True)):
+            if t is not None and not (-a.ndim <= d < a.ndim and a.shape[d] == t.width):
                 raise ConfigError(
                     f"tensor input {i} has shape {tuple(a.shape)} but its tracker has width "
                     f"{t.width}; pass None for that position or a tracker of matching width."
@@ -395,15 +429,16 @@ def compressed_checkpoint(
                     f"require grad ({', '.join('<arg>' + h for h in hidden)}); the compressed "
                     "checkpoint cannot see inside it, so their gradients would be lost. Pass "
                     "those tensors as arguments, or register the class with "
-                    "torch.utils._pytree.register_dataclass."
+                    "torch.utils._pytree.register_dataclass; for a key/value cache (Hugging "
+                    "Face use_cache=True), build the model with use_cache=False."
                 )
-    per_tensor = _resolve_trackers(trackers, tensors)
     dims = list(feature_dims) if feature_dims is not None else [-1] * len(tensors)
     if len(dims) != len(tensors):
         raise ConfigError(
             f"`feature_dims` has {len(dims)} entries for {len(tensors)} tensor inputs."
         )
-    template = [None if isinstance(a, torch.Tensor) else a for a in leaves]
+    per_tensor = _resolve_trackers(trackers, tensors, dims)
+    template = [_HOLE if isinstance(a, torch.Tensor) else a for a in leaves]
     owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
     buffer_modules = list(owner.modules()) if isinstance(owner, nn.Module) else []
     run = _Run(fn, spec, template, len(tensors), declared, stats, preserve_rng_state, name,
@@ -437,5 +472,5 @@ def compressed_checkpoint(
     if stats is not None:
         stats.calls += 1
     it = iter(flat)
-    out_leaves = [next(it) if v is None else v for v in run.out_leaves]
+    out_leaves = [next(it) if v is _HOLE else v for v in run.out_leaves]
     return tree_unflatten(out_leaves, run.out_spec)

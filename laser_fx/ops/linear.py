@@ -9,6 +9,8 @@ mean ``m`` a centered record keeps). ``grad_input = dY W`` and
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,6 +53,9 @@ class _CompressedLinear(torch.autograd.Function):
             # retain_graph and keeps them for a second backward with it
             kept = (packed.coeffs, packed.basis) + (() if packed.mean is None else (packed.mean,))
             ctx.save_for_backward(weight, *kept)
+            # x is not saved, so autograd cannot see it modified in place: check its version
+            # counter in backward (a view shares it with its base, which outlives the view)
+            ctx.source = (weakref.ref(x if x._base is None else x._base), x._version)
         ctx.meta = (packed.shape, packed.dtype)
         return out
 
@@ -62,6 +67,15 @@ class _CompressedLinear(torch.autograd.Function):
                 "saved input is an approximation, so second derivatives through it would be "
                 "wrong. Exclude this site from compression (`exclude=`) or call "
                 "backward without create_graph."
+            )
+        source = getattr(ctx, "source", None)
+        x = None if source is None else source[0]()
+        if x is not None and x._version != source[1]:
+            raise LaserFxError(
+                f"The input of shape {tuple(x.shape)} of a compressed linear was modified in "
+                f"place after the forward (version {source[1]} -> {x._version}); plain F.linear "
+                "would raise too, as its gradients would no longer match the forward. Do the "
+                "in-place update after backward, or clone the tensor before modifying it."
             )
         weight, *rest = ctx.saved_tensors
         shape, dtype = ctx.meta

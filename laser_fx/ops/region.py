@@ -68,7 +68,9 @@ class _Handle:
     def __init__(self, tracker: Any, packed: Any, source: torch.Tensor) -> None:
         self.tracker = tracker
         self.packed = packed
-        self.source = weakref.ref(source)
+        # A saved view (the flattened input of a linear) dies once packed; its base shares
+        # the version counter and lives as long as anyone can modify it in place.
+        self.source = weakref.ref(source if source._base is None else source._base)
         self.version = source._version
         self._recon: weakref.ref[torch.Tensor] | None = None
 

@@ -7,16 +7,18 @@ import json
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import frontier, scaling
-from benchmarks._common import LASER_MODES
+import laser_fx
+from benchmarks import fidelity, frontier, scaling, tracker_cost
+from benchmarks._common import LASER_MODES, build_arms, trm_workload
 
 TINY_TRM = ["--d", "16", "--n", "2", "--batch", "4"]
 TINY_ALBERT = ["--albert-layers", "2", "--albert-batch", "2", "--albert-seq", "8"]
-EVERY_ARM = {"uncompressed", "torch checkpoint", *LASER_MODES,
-             "LASER linear inside torch checkpoint"}
+COMBO = "LASER linear inside torch checkpoint"
+EVERY_ARM = {"uncompressed", "torch checkpoint", *LASER_MODES, COMBO}
 
 
 def _check_row(row: dict, *, laser: bool) -> None:
@@ -50,9 +52,46 @@ def test_frontier_reports_every_configuration_for_every_model(frontier_run):
         # exact checkpointing recomputes the same function: its gradient is the baseline's
         assert ckpt["grad_cosine"] > 0.9999
         assert ckpt["after_forward_bytes"] < base["after_forward_bytes"]
+        auto = next(r for r in rec["rows"] if r["arm"] == frontier.AUTO)
+        assert auto["grad_cosine"] > 0.999 and auto["memory_ratio"] < 0.5, auto
+        for label, why in rec["notes"].items():  # an arm left out says why
+            assert label == COMBO and why.startswith("does not compose"), why
     assert png.stat().st_size > 0
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert [ln["script"] for ln in lines] == ["frontier"] * len(frontier.MODELS)
+
+
+def test_build_arms_compresses_deep_copies_and_leaves_the_model_alone():
+    w = trm_workload(mixer="mlp_t", d=16, n=2, T=2, batch=4)
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    arms, _ = build_arms(w, combo=False)
+    assert arms[0].module is w.model and not laser_fx.is_compressed(w.model)
+    own = {id(p) for p in w.model.parameters()}
+    for arm in arms[1:]:
+        assert laser_fx.is_compressed(arm.module) == arm.laser, arm.name
+        assert not own & {id(p) for p in arm.params}, f"{arm.name} shares the model's weights"
+        assert [p.shape for p in arm.params] == [p.shape for p in arms[0].params]
+        for k, v in arm.module.state_dict().items():  # same initial weights, same keys
+            torch.testing.assert_close(v, before[k.replace(".inner.", ".")])
+
+
+def test_fidelity_sweep_is_exact_at_full_energy():
+    rows = fidelity.sweep(mixer="mlp_t", d=16, n=2, T=2, batch=4, energies=[0.9, 1.0],
+                          modes=["auto"], device="cpu", warm_steps=1)
+    assert [(r["mode"], r["energy"]) for r in rows] == [("auto", 0.9), ("auto", 1.0)]
+    assert rows[1]["grad_cosine"] > 0.99999 and rows[1]["grad_rel_error"] < 1e-3
+    assert rows[0]["grad_rel_error"] >= rows[1]["grad_rel_error"]
+    for r in rows:
+        assert 0 < r["memory_ratio"] < 1 and r["ranks"]
+
+
+def test_tracker_cost_times_every_width(capsys):
+    rows = tracker_cost.main(["--widths", "16", "32", "--tokens", "64", "--reps", "1"])
+    assert [r["width"] for r in rows] == [16, 32]
+    for r in rows:
+        assert 0 <= r["k"] <= r["width"]  # 0: the tracker stores this one dense
+        assert all(r[key] > 0 for key in ("projection", "power", "reset", "svd", "matmul"))
+    assert capsys.readouterr().out.count("\n| ") == 3  # header + one row per width
 
 
 def test_frontier_table_lists_every_configuration_and_the_goals(frontier_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 import laser_fx
 from examples.trm import experiment, train
 from examples.trm.model import TRM, TRMConfig
+from examples.trm.training import predict
 
 TINY = {
     "task": "sudoku", "size": 4, "mixer": "mlp_t", "d": 16, "heads": 2, "n": 2, "T": 2,
@@ -40,9 +42,13 @@ def test_run_with_laser_returns_both_arms(both_arms: dict) -> None:
             assert 0.0 <= a["eval"][weights]["exact_acc"] <= a["eval"][weights]["token_acc"] <= 1.0
     assert 0 < r["memory_ratio"] < 1, "LASER must store less than the baseline"
     assert r["step_time_ratio"] > 0
-    assert r["laser_report"]["sites"], "the per-site report names the compressed sites"
+    assert [s["name"] for s in r["laser_report"]["sites"]] == ["net"]  # the shared block
+    assert r["laser_report"]["sites"][0]["stored_bytes"] < r["laser_report"]["sites"][0][
+        "dense_bytes"]
+    assert 0 < r["compress_seconds"] < 5.0, "compress is one probe run and one check run"
     json.dumps(both_arms)  # the whole result is JSON-ready
     assert "LASER/baseline" in train.summarize(both_arms)
+    assert "laser_fx.compress (in place" in train.summarize(both_arms)
 
 
 def test_run_without_laser_trains_only_the_baseline() -> None:
@@ -51,15 +57,30 @@ def test_run_without_laser_trains_only_the_baseline() -> None:
     assert set(r["arms"]) == {"baseline"} and "memory_ratio" not in r
 
 
-def test_compressed_forward_equals_uncompressed() -> None:
+@pytest.mark.parametrize("mixer", ["mlp_t", "attn"])
+def test_compressed_twin_is_a_trm_with_the_same_forward_and_keys(mixer: str) -> None:
     torch.manual_seed(0)
     model = TRM(TRMConfig(vocab_size=6, seq_len=16, hidden_size=16, num_heads=2, n=2, T=2,
-                          mixer="mlp_t"))
+                          mixer=mixer))
     tokens = torch.randint(1, 6, (8, 16), generator=torch.Generator().manual_seed(3))
     y, z = model.initial_carry(8)
-    cmodel = laser_fx.compress(model, example_inputs=(tokens, y, z))
-    for got, want in zip(cmodel(tokens, y, z), model(tokens, y, z), strict=True):
+    twin = copy.deepcopy(model)
+    assert laser_fx.compress(twin, example_inputs=(tokens, y, z)) is twin  # in place
+    assert isinstance(twin, TRM) and isinstance(twin.net, laser_fx.SiteWrapper)
+    assert [r["name"] for r in laser_fx.report(twin).sites] == ["net"]
+    for got, want in zip(twin(tokens, y, z), model(tokens, y, z), strict=True):
         torch.testing.assert_close(got, want)
+    yt, zt = twin.initial_carry(8)  # the training loop's own method still works
+    torch.testing.assert_close(yt, y)
+    assert list(twin.state_dict()) == list(model.state_dict())
+    model.load_state_dict(twin.state_dict(), strict=True)
+    # evaluation (eval mode, no grad: the wrapper calls the plain block) predicts the same
+    twin.eval()
+    model.eval()
+    assert not any(m.training for m in twin.modules())
+    torch.testing.assert_close(predict(twin, tokens, 2)[0], predict(model, tokens, 2)[0])
+    laser_fx.strip(twin)
+    assert not laser_fx.is_compressed(twin) and isinstance(twin.net, type(model.net))
 
 
 def test_tiny_training_reduces_the_loss() -> None:

@@ -1,7 +1,13 @@
-"""Tests of `compressed_checkpoint`: exact forward, gradients, memory, autograd semantics."""
+"""Tests of `compressed_checkpoint`: exact forward, gradients, memory, autograd semantics.
+
+Also its safety contract (at least as strict as ``torch.utils.checkpoint``): pytree and keyword
+inputs, detached outputs kept detached, in-place modifications detected, buffers updated once,
+channels-first inputs compressed along the channel axis.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 
@@ -14,8 +20,8 @@ from torch import nn
 
 from laser_fx.config import LaserConfig
 from laser_fx.errors import ConfigError, LaserFxError
-from laser_fx.ops.checkpoint import StorageStats, compressed_checkpoint
-from laser_fx.tracker import SubspaceTracker
+from laser_fx.ops.checkpoint import compressed_checkpoint
+from laser_fx.tracker import StorageStats, SubspaceTracker
 
 B, L = 2, 16  # N = 32 rows per activation: small enough for CPU, enough to compress
 
@@ -258,7 +264,7 @@ def test_undeclared_tensor_requiring_grad_is_an_error():
 @pytest.mark.parametrize(
     "trackers,match",
     [
-        ([None], "1 entries for 2 arguments"),
+        ([None], "1 entries for 2 tensor inputs"),
         ("nope", "must be a tracker"),
         ([SubspaceTracker(8, LaserConfig()), None], "tracker has width 8"),
     ],
@@ -269,3 +275,224 @@ def test_bad_trackers_are_config_errors(trackers, match):
     _, z, inj = _inputs(32, 3)
     with pytest.raises(ConfigError, match=match):
         compressed_checkpoint(block, trackers, z, inj)
+
+
+# ---------------------------------------------------------------------------- new contract
+LOSSLESS = LaserConfig(energy=1.0, fidelity=1.0, min_numel=64)
+
+
+def _assert_grads_close(got, want) -> None:
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_keyword_tensor_inputs_get_gradients():
+    torch.manual_seed(0)
+    block = SwiGLUBlock(32, 64)
+    x, z, inj = _inputs(32, 32)
+    params = [x, *block.parameters()]
+    want = torch.autograd.grad(block(z, inj=inj).sum(), params, retain_graph=True)
+    out = compressed_checkpoint(block, SubspaceTracker(32, LOSSLESS), z, inj=inj)
+    got = torch.autograd.grad(out.sum(), params, retain_graph=True)  # x's graph is reused
+    _assert_grads_close(got, want)
+    # only through the keyword input: z's path is cut, so x's gradient comes from inj alone
+    zc = z.detach()
+    want = torch.autograd.grad(block(zc, inj=inj).sum(), x, retain_graph=True)
+    got = torch.autograd.grad(
+        compressed_checkpoint(block, SubspaceTracker(32, LOSSLESS), zc, inj=inj).sum(), x
+    )
+    _assert_grads_close(got, want)
+
+
+def test_nested_dict_and_tuple_inputs_and_outputs():
+    torch.manual_seed(0)
+    block = SwiGLUBlock(32, 64)
+
+    def fn(state: dict, pair: tuple, *, scale: float) -> dict:
+        w, inj = pair
+        out = block(state["z"] * scale + w, inj)
+        return {"out": out, "aux": (out.mean(), state["tag"])}
+
+    x, z, inj = _inputs(32, 32)
+    w = torch.randn(B, L, 32, requires_grad=True)
+    state = {"z": z, "tag": "carry"}
+    pair = (w, inj)
+    params = [x, w, *block.parameters()]
+
+    def loss(res: dict) -> torch.Tensor:
+        assert res["aux"][1] == "carry"  # non-tensor leaves come back as they were
+        return res["out"].square().sum() + res["aux"][0]
+
+    want = torch.autograd.grad(loss(fn(state, pair, scale=0.5)), params, retain_graph=True)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def trackers(i: int, t: torch.Tensor) -> SubspaceTracker:
+        seen.append((i, tuple(t.shape)))
+        return SubspaceTracker(32, LOSSLESS)
+
+    res = compressed_checkpoint(fn, trackers, state, pair, scale=0.5,
+                                params=list(block.parameters()))
+    _assert_grads_close(torch.autograd.grad(loss(res), params), want)
+    # the callable got every tensor leaf of (args, kwargs), in pytree order
+    assert seen == [(0, (B, L, 32)), (1, (B, L, 32)), (2, (B, L, 32))]
+
+
+class _DetachingBlock(nn.Module):
+    """HRM's carry pattern: the block returns its new state and a detached copy of it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, z: torch.Tensor, const: torch.Tensor):
+        h = torch.tanh(self.lin(z))
+        return h, h.detach(), const * 2.0
+
+
+def test_detached_outputs_stay_detached():
+    torch.manual_seed(0)
+    block = _DetachingBlock(32)
+    _, z, _ = _inputs(32, 3)
+    const = torch.randn(B, L, 32)
+    trk = SubspaceTracker(32, LaserConfig(rank=4, min_numel=64))
+    live, frozen, free = compressed_checkpoint(block, trk, z, const)
+    assert live.requires_grad and live.grad_fn is not None
+    # the plain block returns these without grad_fn; so must the checkpoint
+    assert not frozen.requires_grad and frozen.grad_fn is None
+    assert not free.requires_grad and free.grad_fn is None
+    torch.testing.assert_close(frozen, live.detach())
+    # a second step on the detached carry backpropagates on its own graph (HRM crashed with
+    # "Trying to backward through the graph a second time" when the carry kept a grad_fn)
+    live.sum().backward()
+    live2, _, _ = compressed_checkpoint(block, trk, frozen, const)
+    live2.sum().backward()
+
+
+def test_output_depending_on_no_grad_input_has_no_grad_fn():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32)
+
+    def fn(a: torch.Tensor, b: torch.Tensor):
+        return lin(a), b.exp()  # the second output reads no parameter nor grad input
+
+    _, z, _ = _inputs(32, 3)
+    plain = torch.randn(B, L, 32)
+    trk = SubspaceTracker(32, LaserConfig(rank=4, min_numel=64))
+    y, c = compressed_checkpoint(fn, trk, z, plain, params=list(lin.parameters()))
+    assert y.grad_fn is not None
+    assert c.grad_fn is None and not c.requires_grad
+    assert torch.equal(c, plain.exp())
+
+
+@pytest.mark.parametrize("what", ["input", "parameter"])
+def test_in_place_modification_after_forward_raises_in_backward(what):
+    torch.manual_seed(0)
+    block = SwiGLUBlock(32, 64)
+    _, z, inj = _inputs(32, 3)
+    trk = SubspaceTracker(32, LaserConfig(rank=4, min_numel=64))
+    out = compressed_checkpoint(block, trk, z, inj, name="net.block")
+    with torch.no_grad():
+        (z if what == "input" else block.gu.weight).add_(1.0)
+    # plain autograd also refuses: gradients would be computed at the new values
+    with pytest.raises(LaserFxError, match=rf"net\.block needs its {what}.*modified in place"):
+        out.sum().backward()
+
+
+def test_in_place_modification_before_forward_is_fine():
+    # control for the test above: a modification the forward already saw is not an error
+    torch.manual_seed(0)
+    block = SwiGLUBlock(32, 64)
+    _, z, inj = _inputs(32, 3)
+    with torch.no_grad():
+        block.gu.weight.mul_(0.5)
+    trk = SubspaceTracker(32, LaserConfig(rank=4, min_numel=64))
+    compressed_checkpoint(block, trk, z, inj).sum().backward()
+    assert block.gu.weight.grad is not None
+
+
+class _BNBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_batchnorm_running_stats_are_updated_once():
+    torch.manual_seed(0)
+    block = _BNBlock(8).train()
+    ref = _BNBlock(8).train()
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    ref(x).sum().backward()  # one plain training step: one update of the statistics
+    out = compressed_checkpoint(block, SubspaceTracker(8, LOSSLESS), x, feature_dims=[1])
+    out.sum().backward()  # the backward re-run must not update them again
+    assert int(block.bn.num_batches_tracked) == 1
+    torch.testing.assert_close(block.bn.running_mean, ref.bn.running_mean)
+    torch.testing.assert_close(block.bn.running_var, ref.bn.running_var)
+    assert block.bn.running_mean.abs().sum() > 0  # control: the update did happen
+    # and the re-run used the batch statistics of the forward, as the plain block did
+    torch.testing.assert_close(block.conv.weight.grad, ref.conv.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@dataclasses.dataclass
+class _Carry:
+    z: torch.Tensor
+    steps: int = 0
+
+
+def test_dataclass_argument_holding_grad_tensor_is_a_config_error():
+    block = SwiGLUBlock(32, 64)
+    _, z, inj = _inputs(32, 3)
+    trk = SubspaceTracker(32, LaserConfig(rank=4, min_numel=64))
+    with pytest.raises(ConfigError, match=r"_Carry holding tensors that require grad \(<arg>\.z\)"):
+        compressed_checkpoint(lambda c, i: block(c.z, i), trk, _Carry(z), inj,
+                              params=list(block.parameters()))
+    # a dataclass without grad tensors is a constant: fine
+    out = compressed_checkpoint(lambda c, i: block(c.z, i), trk, _Carry(z.detach()), inj,
+                                params=list(block.parameters()))
+    out.sum().backward()
+
+
+def _channel_low_rank(b: int, c: int, hw: int, r: int) -> torch.Tensor:
+    """NCHW tensor whose channel vectors (one per pixel) span an ``r``-dim subspace."""
+    return torch.einsum("bris,rc->bcis", torch.randn(b, r, hw, hw), torch.randn(r, c))
+
+
+@pytest.mark.parametrize(
+    "cfg,exact",
+    [(LaserConfig(energy=1.0, fidelity=1.0, min_numel=64), True),
+     (LaserConfig(rank=3, min_numel=64), True),
+     (LaserConfig(rank=1, min_numel=64), False)],
+    ids=["energy=1", "rank>=channel-rank", "rank<channel-rank"],
+)
+def test_feature_dims_compress_conv_inputs_along_channels(cfg, exact):
+    torch.manual_seed(0)
+    c, hw = 16, 5  # hw != c: compressing along the last axis would not even fit the tracker
+    conv = nn.Conv2d(c, c, 3, padding=1)
+    x = _channel_low_rank(2, c, hw, r=3).requires_grad_()
+    params = [x, *conv.parameters()]
+    want = torch.autograd.grad(torch.tanh(conv(x)).square().sum(), params)
+    trk = SubspaceTracker(c, cfg)
+    stats = StorageStats()
+    out = compressed_checkpoint(lambda t: torch.tanh(conv(t)), trk, x, feature_dims=[1],
+                                stats=stats, params=list(conv.parameters()))
+    got = torch.autograd.grad(out.square().sum(), params)
+    assert stats.packed == 1 and trk.stats()["calls"] == 1
+    # really stored low-rank, along channels: the channel vectors span 3 dimensions
+    assert stats.stored_bytes < stats.dense_bytes / 2, stats.to_dict()
+    assert int(trk.rank) == (3 if cfg.rank is None else cfg.rank)
+    if exact:
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    else:  # control: a rank below the channel rank does lose something
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True)) > 1e-3
+
+
+def test_feature_dims_length_must_match_tensor_inputs():
+    block = SwiGLUBlock(32, 64)
+    _, z, inj = _inputs(32, 3)
+    with pytest.raises(ConfigError, match="`feature_dims` has 1 entries for 2 tensor inputs"):
+        compressed_checkpoint(block, SubspaceTracker(32, LaserConfig()), z, inj, feature_dims=[1])
