@@ -56,7 +56,8 @@ def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelec
             f"No module or parameter of {type(model).__name__} is applied more than once in "
             "the probe run on the example inputs, so there is no weight-shared (looped) site "
             "to compress. laser_fx compresses looped / recursive models; check that the "
-            "example inputs make the model run its recursion."
+            "example inputs make the model run its recursion (a loop that halts on data may "
+            "have stopped after one step on them)."
         )
     names = [s.name for s in sites]
     unused = [p for p in config.per_site if not any(re.fullmatch(p, n) for n in names)]

@@ -41,7 +41,7 @@ class ParamSite(TrackerStore):
         self.config = config
         self.stats = StorageStats()
         self.trackers: dict[str, SubspaceTracker] = {}
-        self._open: list[tuple[LinearOps | None, list[tuple[int, int]]]] = []
+        self._open: list[tuple[LinearOps | None, list[tuple[int, int, int]]]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -53,7 +53,8 @@ class ParamSite(TrackerStore):
             self._open.append((None, []))
             return
         mode = LinearOps(self, [(self.site.name, self.param)])
-        before = [(int(t.stored_bytes), int(t.dense_bytes)) for t in self.trackers.values()]
+        before = [(int(t.stored_bytes), int(t.dense_bytes), int(t.calls))
+                  for t in self.trackers.values()]
         mode.__enter__()
         self._open.append((mode, before))
 
@@ -70,7 +71,8 @@ class ParamSite(TrackerStore):
         self.stats.stored_bytes += stored + sum(
             t.basis.numel() * t.basis.element_size() for t in trackers)
         self.stats.uncompressed_bytes += dense
-        self.stats.calls += 1
+        # one compressed call per application of the parameter (not per call of the owner)
+        self.stats.calls += sum(int(t.calls) for t in trackers) - sum(b[2] for b in before)
 
     def attach(self, owner: nn.Module) -> None:
         """Register the hooks on ``owner``."""

@@ -244,6 +244,53 @@ def test_state_dict_keys_are_the_users_and_load_strictly_both_ways():
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
+def test_parameter_and_module_names_are_the_users():
+    # Optimizer groups are often chosen by parameter name (no weight decay on norms/biases):
+    # the wrapper's attribute must not show up in them (torch's checkpoint_wrapper's does).
+    model, ref, _ = _compressed()
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in model.named_buffers()] == [n for n, _ in ref.named_buffers()]
+    names = [n for n, _ in model.named_modules()]
+    assert not any("_laser_fx_module" in n for n in names)
+    assert set(names) == {n for n, _ in ref.named_modules()}
+    assert model.get_parameter("block.l1.weight") is model.block.wrapped.l1.weight
+
+
+class _RawLoop(nn.Module):
+    """A parameter applied in a Python loop with no module around the op (``h @ W``)."""
+
+    def __init__(self, steps: int = 4) -> None:
+        super().__init__()
+        self.steps = steps
+        self.inp = nn.Linear(8, D)
+        self.W = nn.Parameter(torch.randn(D, D) / D**0.5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(self.steps):
+            h = torch.tanh(h @ self.W.to(h.dtype))
+        return h
+
+
+def test_a_parameter_reused_in_a_loop_is_compressed_through_hooks():
+    torch.manual_seed(0)
+    model, x = _RawLoop(), torch.randn(64, 8)
+    ref = copy.deepcopy(model)
+    laser_fx.compress(model, config=LaserConfig(rank=4), example_inputs=(x,))
+    assert type(model) is _RawLoop and not any(isinstance(m, SiteWrapper) for m in model.modules())
+    row = laser_fx.report(model).to_dict()["sites"][0]
+    assert (row["name"], row["mechanism"]) == ("W", "linear")
+    got, want = _grads(model, x), _grads(ref, x)
+    # forward is exact; grad_weight comes from rank-4 coefficients: close, not equal
+    torch.testing.assert_close(got["inp.weight"], want["inp.weight"], **TOL)
+    cos = torch.nn.functional.cosine_similarity(got["W"].flatten(), want["W"].flatten(), dim=0)
+    assert 0.5 < cos < 1 - 1e-6, f"rank-4 W gradient cosine {cos:.6f}: not compressed, or wrong"
+    assert laser_fx.report(model).to_dict()["sites"][0]["calls"] == 4
+    laser_fx.strip(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    _assert_grads_equal(_grads(model, x), want)
+
+
 # 6 -------------------------------------------------------------------------------------------
 class _Colliding(nn.Module):
     """``a.b_c`` and ``a_b.c`` flatten to the same ``a_b_c``."""
