@@ -63,7 +63,11 @@ class TRMConfig:
         num_heads: attention heads (mixer "attn").
         expansion: SwiGLU expansion.
         n: z-updates per cycle.
-        T: cycles per supervision step (the first T-1 without grad).
+        T: cycles per supervision step (the first T - grad_cycles without grad).
+        grad_cycles: how many of the last cycles run with grad (backprop through them):
+            1 is TRM's (the gradient through the last cycle only), T is full backprop
+            through the recursion; the number of grad-enabled block calls is
+            ``grad_cycles * (n + 1)``.
         num_blocks: blocks in the shared net.
         mixer: "attn" (non-causal attention) or "mlp_t" (SwiGLU over the sequence axis).
         pos_encoding: "rope", "learned", "none" or "auto" (rope for attn, none for mlp_t).
@@ -79,6 +83,7 @@ class TRMConfig:
     expansion: float = 4.0
     n: int = 3
     T: int = 2
+    grad_cycles: int = 1
     num_blocks: int = 2
     mixer: str = "attn"
     pos_encoding: str = "auto"
@@ -90,6 +95,11 @@ class TRMConfig:
         for name in ("vocab_size", "seq_len", "hidden_size", "num_heads", "n", "T", "num_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if not 1 <= self.grad_cycles <= self.T:
+            raise ConfigError(
+                f"`grad_cycles` must be in [1, T={self.T}] (1: gradient through the last cycle "
+                f"only, T: through every cycle), got {self.grad_cycles}."
+            )
         if self.puzzle_emb_len < 0:
             raise ConfigError(f"`puzzle_emb_len` must be >= 0, got {self.puzzle_emb_len}.")
         if self.mixer not in ("attn", "mlp_t"):
@@ -273,11 +283,13 @@ class TRM(nn.Module):
             (logits (B, seq_len, vocab), q_halt_logits (B,), y, z) with the carry detached.
         """
         x = self._embed(tokens)
-        if self.config.T > 1:
+        free = self.config.T - self.config.grad_cycles
+        if free > 0:
             with torch.no_grad():
-                for _ in range(self.config.T - 1):
+                for _ in range(free):
                     y, z = self._cycle(x, y, z)
-        y, z = self._cycle(x, y, z)
+        for _ in range(self.config.grad_cycles):
+            y, z = self._cycle(x, y, z)
         logits = self.lm_head(y[:, self.config.puzzle_emb_len :])
         q_halt = self.q_head(y[:, 0])[:, 0]
         return logits, q_halt, y.detach(), z.detach()
