@@ -31,6 +31,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `examples` and `laser_fx` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from scipy import stats
+
 import laser_fx
 from examples.trm import train
 from laser_fx.errors import ConfigError
@@ -38,13 +40,10 @@ from laser_fx.errors import ConfigError
 __all__ = [
     "SMALL_TASKS",
     "TASKS",
-    "betainc",
     "load_runs",
     "main",
     "paired_difference",
     "run_experiment",
-    "student_t_quantile",
-    "student_t_sf",
     "welch_t_test",
     "write_report",
 ]
@@ -93,58 +92,8 @@ every seed but one (a plateau, uninformative)."""
 
 
 # ----------------------------------------------------------------------------- statistics
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b), by its continued fraction (modified Lentz).
-
-    Args:
-        a, b: positive shape parameters.
-        x: point in [0, 1].
-
-    Returns:
-        I_x(a, b) in [0, 1].
-    """
-    if a <= 0 or b <= 0 or not 0.0 <= x <= 1.0:
-        raise ConfigError(f"betainc needs a, b > 0 and 0 <= x <= 1, got a={a}, b={b}, x={x}.")
-    if x in (0.0, 1.0):
-        return x
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: reflect
-        return 1.0 - betainc(b, a, 1.0 - x)
-    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) - _log_beta(a, b)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    frac = d
-    for m in range(1, 500):
-        for num in (  # even then odd term of the continued fraction
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            frac *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * frac
-
-
-def _log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom."""
-    t2 = t * t
-    if t2 < df:  # x = df / (df + t²) is near 1 and loses t in rounding: use 1 - x instead
-        tail = 0.5 * (1.0 - betainc(0.5, df / 2, t2 / (df + t2)))
-    else:
-        tail = 0.5 * betainc(df / 2, 0.5, df / (df + t2))
-    return tail if t >= 0 else 1.0 - tail
-
-
 def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Welch's unequal-variance t-test, two-sided.
+    """Welch's unequal-variance t-test, two-sided (`scipy.stats.ttest_ind`, equal_var=False).
 
     Args:
         a, b: samples of at least 2 values each.
@@ -156,33 +105,16 @@ def welch_t_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
         raise ConfigError(f"welch_t_test needs >= 2 values per sample, got {len(a)} and {len(b)}.")
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     diff = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0:
+    if va + vb == 0:  # scipy returns nan here; identical arms are p = 1, distinct ones p = 0
         return (0.0, math.inf, 1.0) if diff == 0 else (math.copysign(math.inf, diff), math.inf, 0.0)
-    t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return t, df, min(1.0, 2.0 * student_t_sf(abs(t), df))
-
-
-def student_t_quantile(q: float, df: float) -> float:
-    """The t with P(T <= t) = q for Student's t with `df` degrees of freedom (by bisection)."""
-    if not 0.0 < q < 1.0 or df <= 0:
-        raise ConfigError(f"student_t_quantile needs 0 < q < 1 and df > 0, got q={q}, df={df}.")
-    lo, hi = -1.0, 1.0
-    while 1.0 - student_t_sf(lo, df) > q:
-        lo *= 2
-    while 1.0 - student_t_sf(hi, df) < q:
-        hi *= 2
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if 1.0 - student_t_sf(mid, df) < q else (lo, mid)
-        if hi - lo <= 1e-12 * max(1.0, abs(mid)):
-            break
-    return 0.5 * (lo + hi)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.df), float(res.pvalue)
 
 
 def paired_difference(a: list[float], b: list[float], level: float = 0.95
                       ) -> tuple[float, float, float, float]:
-    """Mean of ``b - a`` over paired samples, its confidence interval and the paired t-test p.
+    """Mean of ``b - a`` over paired samples, its confidence interval and the paired t-test p
+    (`scipy.stats.ttest_rel`).
 
     Both arms of a run share their initial weights and batches, so seed k of one arm is paired
     with seed k of the other.
@@ -194,12 +126,12 @@ def paired_difference(a: list[float], b: list[float], level: float = 0.95
         raise ConfigError(f"paired_difference needs two equal-length samples of >= 2 values, "
                           f"got {len(a)} and {len(b)}.")
     d = [y - x for x, y in zip(a, b, strict=True)]
-    mean, df = statistics.fmean(d), len(d) - 1
-    se = statistics.stdev(d) / math.sqrt(len(d))
-    if se == 0:
+    mean = statistics.fmean(d)
+    if statistics.stdev(d) == 0:  # scipy returns nan: every seed moved by the same amount
         return mean, mean, mean, 1.0 if mean == 0 else 0.0
-    half = student_t_quantile(0.5 + level / 2, df) * se
-    return mean, mean - half, mean + half, min(1.0, 2.0 * student_t_sf(abs(mean / se), df))
+    res = stats.ttest_rel(b, a)
+    ci = res.confidence_interval(confidence_level=level)
+    return mean, float(ci.low), float(ci.high), float(res.pvalue)
 
 
 # ---------------------------------------------------------------------------------- runs
