@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError
+from .granularity import plan_granularity
 from .mechanisms import MECHANISMS, Mechanism, choose
 from .param_site import ParamSite, param_sites_of
 from .probe import Probe, _as_tuple, probe, run_model
@@ -23,8 +24,10 @@ from .wrapper import SiteWrapper, _StepHook
 
 __all__ = ["Report", "VerifyError", "compress", "is_compressed", "report", "strip"]
 
-#: attribute of a compressed model: sites left alone and why (shown by `report`)
+#: attributes of a compressed model: sites left alone and why, and the granularity chosen
+#: for each split block (shown by `report`)
 _SKIPPED = "_laser_fx_skipped"
+_GRANULARITY = "_laser_fx_granularity"
 
 
 class VerifyError(LaserFxError):
@@ -46,6 +49,7 @@ def is_compressed(model: nn.Module) -> bool:
 class _Plan:
     chosen: list[tuple[Site, Mechanism, LaserConfig]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    granularity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelector | None,
@@ -93,7 +97,10 @@ def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelec
         else:
             cfg = config.for_site(s.name)
             mech = MECHANISMS["linear"] if s.param is not None else choose(s, cfg.mode)
-            plan.chosen.append((s, mech, cfg))
+            if mech.name == "checkpoint" and s.block is None and cfg.granularity != "block":
+                _split(plan, s, sites, config, cfg)
+            else:
+                plan.chosen.append((s, mech, cfg))
     if not plan.chosen:
         calls = {s.name: s.num_uses for s in sites}
         hint = ""
@@ -111,6 +118,23 @@ def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelec
                if plan.skipped else f"`sites` selected none of the sites found ({names})")
         raise NoSitesError(f"Nothing to compress in {type(model).__name__}: {why}.{hint}")
     return plan
+
+
+def _split(plan: _Plan, block: Site, sites: list[Site], config: LaserConfig,
+           cfg: LaserConfig) -> None:
+    """Checkpoint ``block`` at the granularity ``cfg`` asks for (`laser_fx.granularity`)."""
+    level, options = plan_granularity(block, sites, cfg.granularity)
+    plan.granularity[block.name] = {
+        "chosen": level.name, "asked": cfg.granularity,
+        "estimated_peak_bytes": {lv.name: lv.peak for lv in options},
+        "units": [u.name for u in level.units],
+    }
+    for unit in level.units:
+        # a per_site pattern naming the unit wins; otherwise the unit runs with its block's config
+        ucfg = cfg if unit is block or not any(
+            re.fullmatch(p, unit.name) for p in config.per_site) else config.for_site(unit.name)
+        mode = "checkpoint" if ucfg.mode == "auto" and unit.kind != "linear" else ucfg.mode
+        plan.chosen.append((unit, choose(unit, mode), ucfg))
 
 
 def _recursions(names: list[str], calls: dict[str, int]) -> list[str]:
@@ -247,6 +271,7 @@ def compress(
             _replace(model, module, SiteWrapper(module, site, mechanism, cfg))
     model.register_forward_pre_hook(_StepHook())
     object.__setattr__(model, _SKIPPED, dict(plan.skipped))
+    object.__setattr__(model, _GRANULARITY, dict(plan.granularity))
     try:
         _verify(model, found.outputs, args, kwargs)
     except BaseException:
@@ -278,6 +303,7 @@ def strip(model: nn.Module) -> nn.Module:
         if isinstance(hook, _StepHook):
             del model._forward_pre_hooks[key]
     model.__dict__.pop(_SKIPPED, None)
+    model.__dict__.pop(_GRANULARITY, None)
     return model
 
 
@@ -292,6 +318,7 @@ class Report:
 
     sites: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    granularity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def totals(self) -> dict[str, Any]:
         stored = sum(s["stored_bytes"] for s in self.sites)
@@ -306,7 +333,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [dict(s) for s in self.sites], "totals": self.totals(),
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "granularity": dict(self.granularity)}
 
     def __str__(self) -> str:
         head = ("site", "mechanism", "calls", "grad", "width", "rank", "fidelity", "resets",
@@ -331,6 +358,10 @@ class Report:
             f"{_fmt_bytes(t['stored_bytes'])} of {_fmt_bytes(t['dense_bytes'])} uncompressed "
             f"({ratio}); non-finite calls: {t['nonfinite']}"
         )
+        for name, g in self.granularity.items():
+            est = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in g["estimated_peak_bytes"].items())
+            lines.append(f"{name}: checkpointed per {g['chosen']} (granularity {g['asked']!r}; "
+                         f"estimated peak with inputs stored dense: {est})")
         for name, why in self.skipped.items():
             lines.append(f"left alone: {name}: {why}")
         return "\n".join(lines)
@@ -360,4 +391,5 @@ def report(model: nn.Module) -> Report:
             f"{type(model).__name__} without compressed sites."
         )
     rows = [w.mechanism.row(w) for w in wrappers]
-    return Report(rows, dict(model.__dict__.get(_SKIPPED, {})))
+    return Report(rows, dict(model.__dict__.get(_SKIPPED, {})),
+                  dict(model.__dict__.get(_GRANULARITY, {})))

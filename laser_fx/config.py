@@ -12,9 +12,10 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["MODES", "LaserConfig"]
+__all__ = ["GRANULARITIES", "MODES", "LaserConfig"]
 
 MODES = ("auto", "linear", "checkpoint", "region")
+GRANULARITIES = ("auto", "block", "layer", "sublayer")
 _STORE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 _VERSION = 1
 
@@ -62,6 +63,14 @@ class LaserConfig:
             dropped: storing every saved tensor of a TRM block at 99% energy gave gradient
             cosine 0.98 uncentered and 0.997 centered (tests/ops/test_region.py).
             False: plain ``X ≈ C Qᵀ``.
+        granularity: what one compressed checkpoint covers in a shared block (mechanism
+            ``"checkpoint"``): ``"block"`` (each call of the block), ``"layer"`` (each call of
+            the modules the block calls, e.g. its transformer layers), ``"sublayer"`` (the
+            modules those call, e.g. attention and MLP branches), or ``"auto"``: the level
+            with the smallest estimated peak (stored checkpoints of every grad-enabled call
+            plus the re-run of the largest unit), from the probe run's measured bytes
+            (`laser_fx.granularity`). Finer units re-run less in backward and store more
+            inputs, which is the part LASER compresses.
         per_site: ``{regex: LaserConfig}`` overrides; the first regex that fully matches a
             site name (``re.fullmatch``) gives that site's whole config (fields are not
             inherited from the outer config); overrides cannot nest.
@@ -82,6 +91,7 @@ class LaserConfig:
     min_numel: int = 1024
     store_dtype: torch.dtype | None = None
     center: bool = True
+    granularity: str = "block"
     # hash=False: a dict is unhashable; equal configs still hash equal without it
     per_site: Mapping[str, LaserConfig] = field(default_factory=dict, hash=False)
     version: int = 1
@@ -112,6 +122,8 @@ class LaserConfig:
                        self.version)
         if self.mode not in MODES:
             raise _bad("mode", f"must be one of {MODES}", self.mode)
+        if self.granularity not in GRANULARITIES:
+            raise _bad("granularity", f"must be one of {GRANULARITIES}", self.granularity)
         if self.store_dtype not in _STORE_DTYPES:
             raise _bad("store_dtype", f"must be one of {_STORE_DTYPES}", self.store_dtype)
         if not isinstance(self.center, bool):

@@ -49,6 +49,7 @@ class _Call:
     shape: tuple[int, ...] | None
     input_widths: tuple[int, ...]
     enclosing: tuple[int, ...]  # ids of the modules whose calls were open around this one
+    input_bytes: int = 0  # distinct floating tensor inputs: what a checkpoint of the call keeps
     saved: int = 0
     storages: dict[int, weakref.ref] = field(default_factory=dict)
     op_widths: set[int] = field(default_factory=set)
@@ -105,9 +106,11 @@ class _Recorder(TorchFunctionMode):
         calls = self.calls.setdefault(id(module), [])
         if not calls:
             self.order.append(id(module))
+        storages = {id(t.untyped_storage()): t.untyped_storage().nbytes()
+                    for t in leaves if t.is_floating_point()}
         call = _Call(module, len(calls), torch.is_grad_enabled(),
                      None if first is None else tuple(first.shape), widths,
-                     tuple(id(c.module) for c in self.stack))
+                     tuple(id(c.module) for c in self.stack), sum(storages.values()))
         calls.append(call)
         self.stack.append(call)
 
@@ -235,6 +238,14 @@ def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
             mid = outer_of[mid]
         return mid
 
+    shared_set = set(shared)
+
+    def parent_of(mid: int) -> str | None:
+        # the innermost other site open around this module's first grad-enabled call
+        call = next((c for c in rec.calls[mid] if c.grad), rec.calls[mid][0])
+        inner = next((o for o in reversed(call.enclosing) if o in shared_set and o != mid), None)
+        return None if inner is None else names[inner]
+
     sites: list[Site] = []
     modules: dict[str, nn.Module] = {}
     for mid in shared:
@@ -250,7 +261,7 @@ def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
             widths = {module.in_features}
         uses = tuple(
             Use(step=i, node=f"{name}@{c.index}", grad_enabled=c.grad, call_index=c.index,
-                shape=c.shape, nbytes=c.saved if c.grad else None)
+                shape=c.shape, nbytes=c.saved if c.grad else None, input_bytes=c.input_bytes)
             for i, c in enumerate(calls)
         )
         block = outer_of[mid]
@@ -258,7 +269,8 @@ def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
         sites.append(Site(name, _kind(module), width, uses, widths=tuple(sorted(widths)),
                           block=names[top(block)] if block is not None else None,
                           module_type=type(module).__name__,
-                          conv_widths=tuple(sorted(conv_widths))))
+                          conv_widths=tuple(sorted(conv_widths)),
+                          parent=parent_of(mid) if block is not None else None))
         modules[name] = module
     for site, owner in _param_sites(rec, names, top, outer_of):
         sites.append(site)

@@ -31,6 +31,8 @@ class Use:
         shape: shape of the call's first floating tensor input (the activation).
         nbytes: bytes autograd saved for backward during this call, measured in the probe
             run (None for calls without grad).
+        input_bytes: bytes of the call's distinct floating tensor inputs (what a checkpoint
+            of the call keeps, stored dense).
     """
 
     step: int
@@ -39,6 +41,7 @@ class Use:
     call_index: int = -1
     shape: tuple[int, ...] | None = None
     nbytes: int | None = None
+    input_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Site:
         module_type: class name of the module (of the owner, for a parameter site).
         conv_widths: the subset of ``widths`` that are convolution channel counts (their
             activations keep the features on axis 1).
+        parent: the innermost site whose calls this one runs inside (None at the top level):
+            a block's layers name the block, their sublayers the layer.
     """
 
     name: str
@@ -71,6 +76,7 @@ class Site:
     block: str | None = None
     module_type: str = ""
     conv_widths: tuple[int, ...] = ()
+    parent: str | None = None
 
     @property
     def num_uses(self) -> int:
