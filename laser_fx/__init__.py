@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .analysis import Analysis, analyze
 from .api import Report, VerifyError, compress, is_compressed, report, strip
+from .calibration import Calibration, calibrate
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError, TraceError
 from .memory import ActivationMemory, measure_activation_memory
@@ -24,6 +25,7 @@ from .wrapper import SiteWrapper
 __all__ = [
     "ActivationMemory",
     "Analysis",
+    "Calibration",
     "ConfigError",
     "LaserConfig",
     "LaserFxError",
@@ -39,6 +41,7 @@ __all__ = [
     "VerifyError",
     "analyze",
     "annotate",
+    "calibrate",
     "compress",
     "find_sites",
     "is_compressed",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .calibration import calibrate
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError
 from .granularity import plan_granularity
@@ -269,7 +270,11 @@ def compress(
             ParamSite(site, model.get_parameter(site.param), cfg).attach(module)
         else:
             _replace(model, module, SiteWrapper(module, site, mechanism, cfg))
-    model.register_forward_pre_hook(_StepHook())
+    target = next((c.target_cosine for _, _, c in plan.chosen if c.target_cosine is not None),
+                  None)
+    every = next((c.recalibrate_every for _, _, c in plan.chosen if c.recalibrate_every), None)
+    step_hook = _StepHook(every, (args, kwargs), target)
+    model.register_forward_pre_hook(step_hook)
     object.__setattr__(model, _SKIPPED, dict(plan.skipped))
     object.__setattr__(model, _GRANULARITY, dict(plan.granularity))
     try:
@@ -280,6 +285,9 @@ def compress(
     finally:
         for w in _wrappers(model):
             w.reset()  # the check's bases are not the first step's
+    if target is not None:
+        calibrate(model, args, kwargs, target_cosine=target)
+    step_hook.steps = 0  # the check run was no training step
     return model
 
 
@@ -362,6 +370,10 @@ class Report:
             est = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in g["estimated_peak_bytes"].items())
             lines.append(f"{name}: checkpointed per {g['chosen']} (granularity {g['asked']!r}; "
                          f"estimated peak with inputs stored dense: {est})")
+        for s in self.sites:
+            if s.get("calibrated_cosine") is not None:
+                lines.append(f"{s['name']}: calibrated energies {s['energies']} (gradient cosine "
+                             f"{s['calibrated_cosine']:.5f} alone on the micro-batch)")
         for name, why in self.skipped.items():
             lines.append(f"left alone: {name}: {why}")
         return "\n".join(lines)

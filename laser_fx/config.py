@@ -71,6 +71,12 @@ class LaserConfig:
             plus the re-run of the largest unit), from the probe run's measured bytes
             (`laser_fx.granularity`). Finer units re-run less in backward and store more
             inputs, which is the part LASER compresses.
+        target_cosine: gradient error under control instead of one global ``energy``: when
+            set, `compress` calibrates each site's energy on its example inputs (a micro-batch
+            that fits uncompressed) so that the gradient's cosine to the exact one is at
+            least this (`laser_fx.calibrate`); ``energy`` is then only the starting point.
+        recalibrate_every: with ``target_cosine``, calibrate again every this many training
+            forwards (on the example inputs given to `compress`), as the model trains.
         per_site: ``{regex: LaserConfig}`` overrides; the first regex that fully matches a
             site name (``re.fullmatch``) gives that site's whole config (fields are not
             inherited from the outer config); overrides cannot nest.
@@ -92,6 +98,8 @@ class LaserConfig:
     store_dtype: torch.dtype | None = None
     center: bool = True
     granularity: str = "block"
+    target_cosine: float | None = None
+    recalibrate_every: int | None = None
     # hash=False: a dict is unhashable; equal configs still hash equal without it
     per_site: Mapping[str, LaserConfig] = field(default_factory=dict, hash=False)
     version: int = 1
@@ -122,6 +130,19 @@ class LaserConfig:
                        self.version)
         if self.mode not in MODES:
             raise _bad("mode", f"must be one of {MODES}", self.mode)
+        if self.target_cosine is not None and (
+            not _is_real(self.target_cosine) or not 0.0 < self.target_cosine <= 1.0
+        ):
+            raise _bad("target_cosine", "must be None or a number in (0, 1]", self.target_cosine)
+        if self.recalibrate_every is not None:
+            if (isinstance(self.recalibrate_every, bool)
+                    or not isinstance(self.recalibrate_every, numbers.Integral)
+                    or self.recalibrate_every < 1):
+                raise _bad("recalibrate_every", "must be None or an integer >= 1",
+                           self.recalibrate_every)
+            if self.target_cosine is None:
+                raise ConfigError("`recalibrate_every` needs `target_cosine` (what to calibrate "
+                                  "for); set both, or neither.")
         if self.granularity not in GRANULARITIES:
             raise _bad("granularity", f"must be one of {GRANULARITIES}", self.granularity)
         if self.store_dtype not in _STORE_DTYPES:

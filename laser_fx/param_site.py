@@ -49,7 +49,7 @@ class ParamSite(TrackerStore):
         return state
 
     def pre(self, module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled() or is_recomputing():
+        if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             self._open.append((None, []))
             return
         mode = LinearOps(self, [(self.site.name, self.param)])

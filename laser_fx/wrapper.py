@@ -14,6 +14,7 @@ device on its next call). ``copy.deepcopy`` and pickling carry them along.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ __all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step"]
 WRAPPED = "_laser_fx_module"
 _PREFIX = WRAPPED + "."
 #: attributes a `SiteWrapper` keeps for itself; every other write goes to the wrapped module
-_OWN = frozenset({"site", "mechanism", "config", "stats", "trackers"})
+_OWN = frozenset({"site", "mechanism", "config", "stats", "trackers", "bypass", "calibration",
+                  "slot_energy"})
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -52,12 +54,26 @@ class TrackerStore:
     config: LaserConfig
     stats: StorageStats
     trackers: dict[str, SubspaceTracker]
+    #: run plain calls, uncompressed (`laser_fx.calibrate` measures the exact gradient so)
+    bypass: bool = False
+    #: the `laser_fx.calibration.SiteCalibration` of this site, once calibrated
+    calibration: Any = None
+    #: per-slot energies chosen by `laser_fx.calibrate` (slots not listed use ``config``)
+    slot_energy: dict[str, float] | None = None
+
+    def slot_config(self, slot: str) -> LaserConfig:
+        """The config of ``slot``'s tracker: the site's, with a calibrated energy if any."""
+        energy = (self.slot_energy or {}).get(slot)
+        if energy is None:
+            return self.config
+        return dataclasses.replace(self.config, energy=energy, rank=None, fidelity=None)
 
     def tracker(self, slot: str, width: int, like: Tensor) -> SubspaceTracker:
         """The tracker of ``slot`` (created, or re-created when the width changed)."""
         trk = self.trackers.get(slot)
         if trk is None or trk.width != width:
-            trk = self.trackers[slot] = SubspaceTracker(width, self.config).to(like.device)
+            trk = self.trackers[slot] = SubspaceTracker(width, self.slot_config(slot)).to(
+                like.device)
         elif trk.basis.device != like.device:
             trk.to(like.device)
         return trk
@@ -137,7 +153,7 @@ class SiteWrapper(TrackerStore, nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self.wrapped
-        if not torch.is_grad_enabled() or is_recomputing():
+        if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             return module(*args, **kwargs)
         return self.mechanism.call(self, args, kwargs)
 
@@ -146,11 +162,28 @@ class SiteWrapper(TrackerStore, nn.Module):
 
 
 class _StepHook:
-    """Forward pre-hook of the compressed model: a grad-enabled forward starts a new step."""
+    """Forward pre-hook of the compressed model: a grad-enabled forward starts a new step;
+    with ``every``, every ``every``-th such step first re-calibrates the sites' energies on
+    the stored micro-batch (`laser_fx.calibrate`)."""
+
+    def __init__(self, every: int | None = None, inputs: tuple = (), target: float | None = None
+                 ) -> None:
+        self.every = every
+        self.inputs = inputs  # (args, kwargs) of the micro-batch
+        self.target = target
+        self.steps = 0
+        self.busy = False
 
     def __call__(self, model: nn.Module, *_: Any) -> None:
-        if torch.is_grad_enabled():
-            begin_step(model)
+        if not torch.is_grad_enabled() or self.busy:
+            return
+        self.steps += 1
+        if self.every and self.steps % self.every == 0:
+            from .calibration import calibrate  # it imports this module
+
+            args, kwargs = self.inputs
+            calibrate(model, args, kwargs, target_cosine=self.target)  # sets `busy` meanwhile
+        begin_step(model)
 
 
 def begin_step(model: nn.Module) -> None:

@@ -53,4 +53,7 @@ class Mechanism:
             "nonfinite": sum(s["nonfinite"] for s in stats),
             "stored_bytes": int(st.total_stored_bytes),
             "dense_bytes": int(st.uncompressed_bytes),
+            "energy": wrapper.config.energy if wrapper.config.rank is None else None,
+            "energies": dict(wrapper.slot_energy or {}),
+            "calibrated_cosine": None if wrapper.calibration is None else wrapper.calibration.cosine,
         }
