@@ -1,17 +1,35 @@
-"""Train a Tiny Recursive Model on Sudoku or mazes, with and without LASER, and compare.
+"""Train a Tiny Recursive Model three ways, uncompressed, torch checkpoint and LASER, and compare.
 
-Both arms start from the same initial weights and see the same batches; they train in
-lockstep (one step of each, alternating) so their step times are measured under the same
-machine load. The LASER arm is a deep copy of the baseline compressed IN PLACE by
-``laser_fx.compress(twin, example_inputs=...)``: it stays a `TRM` (``initial_carry``, its
-state dict keys, train/eval) whose shared block ``net`` is swapped for a wrapper; its
-optimizer is built on its own ``parameters()``.
+All arms start from the same initial weights and see the same batches; they train in
+lockstep (one step of each, the order alternating) so their step times are measured under
+the same machine load. The arms:
+
+- ``baseline`` (printed "uncompressed"): the model as written; autograd keeps everything.
+- ``checkpoint`` ("torch checkpoint"): a deep copy whose shared block ``net`` runs through
+  ``torch.utils.checkpoint`` (non-reentrant) on every grad-enabled call: each call keeps
+  its inputs and is re-run in backward (`TorchCheckpoint`).
+- ``laser`` ("laser_fx"): a deep copy compressed IN PLACE by
+  ``laser_fx.compress(twin, example_inputs=...)``: it stays a `TRM` (``initial_carry``, its
+  state dict keys, train/eval) whose ``net`` is swapped for a wrapper that keeps each call's
+  inputs in a tracked low-rank basis (or exactly, where they do not compress) and re-runs
+  the call in backward.
+
+With ``--deep-T`` a second, deeper setting is measured after training: the trained
+weights in a TRM whose gradient runs through more cycles (``--deep-grad-cycles``), a few
+lockstep steps of each arm (memory, peak, step time; not trained to convergence, so no
+accuracy). The stored checkpoints grow with every grad-enabled block call there; the re-run
+of one call does not.
+
+``--quick`` (what ``make demo`` runs) is 5x5 mazes, attention, D=64, n=3, T=2, 60 steps, then
+the same weights with the gradient through all of T=8 cycles; about a minute on 2 CPU cores.
+It writes ``results/demo.json``, ``results/demo.md`` and the plot ``results/demo.png``.
 
 Usage::
 
-    PYTHONPATH=. python examples/trm/train.py --quick
-    PYTHONPATH=. python examples/trm/train.py --task maze --size 7 --mixer attn --steps 300 \\
-        --seeds 0 1 --out results/maze.json
+    python examples/trm/train.py --quick
+    python examples/trm/train.py --task maze --size 7 --mixer attn --steps 300 \\
+        --grad-cycles 2 --seeds 0 1 --out results/maze.json
+    python examples/trm/train.py --arms baseline laser ...   # what experiment.py runs
 
 ``run(args)`` is the entry point the experiment uses; it returns the JSON-ready dict.
 """
@@ -34,6 +52,8 @@ if __package__ in (None, ""):  # run as a script: make `examples` and `laser_fx`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+import torch.utils.checkpoint
+from torch import nn
 from tqdm import tqdm
 
 import laser_fx
@@ -41,14 +61,19 @@ from examples.trm.data import iterate_batches, make_dataset, seq_len, vocab_size
 from examples.trm.model import TRM, TRMConfig
 from examples.trm.training import EMA, DeepSupervision, evaluate, trm_loss
 
-__all__ = ["ARMS", "build_parser", "main", "run"]
+__all__ = ["ARMS", "QUICK", "TorchCheckpoint", "build_parser", "main", "options", "run",
+           "summarize", "torch_checkpointed"]
 
-ARMS = ("baseline", "laser")
+ARMS = ("baseline", "checkpoint", "laser")
+LABELS = {"baseline": "uncompressed", "checkpoint": "torch checkpoint", "laser": "laser_fx"}
 _SKIP_TIMING = 3  # first steps of each arm left out of the median step time (warm-up)
+_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
-QUICK = {  # what `make demo` runs: both arms, a few minutes on 2 CPU cores
-    "task": "sudoku", "size": 4, "mixer": "mlp_t", "d": 64, "n": 3, "T": 2, "batch": 64,
-    "max_sup_steps": 2, "steps": 150, "lr": 3e-3, "seeds": [0], "n_train": 2000, "n_test": 500,
+QUICK = {  # what `make demo` runs: three arms, two depths, about a minute on 2 CPU cores
+    "task": "maze", "size": 5, "mixer": "attn", "d": 64, "n": 3, "T": 2, "grad_cycles": 1,
+    "batch": 64, "max_sup_steps": 2, "steps": 60, "lr": 1e-3, "grad_clip": 1.0,
+    "ema_decay": 0.0, "seeds": [0], "n_train": 2000, "n_test": 500, "arms": list(ARMS),
+    "deep_T": 8, "deep_grad_cycles": 8, "deep_steps": 4, "out": _RESULTS / "demo.json",
 }
 
 
@@ -62,11 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--d", type=int, default=64, help="model width D")
     a("--n", type=int, default=3, help="z-updates per cycle")
     a("--T", type=int, default=2, help="cycles per supervision step")
+    a("--grad-cycles", type=int, default=1,
+      help="backprop through the last k of the T cycles (1: TRM's; T: the whole recursion);"
+           " grad-enabled block calls = k * (n + 1)")
     a("--heads", type=int, default=4)
     a("--mixer", choices=("attn", "mlp_t"), default="mlp_t")
+    a("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+      help="arms to train in lockstep (default: all three)")
     a("--steps", type=int, default=300, help="optimizer steps per arm")
     a("--max-seconds", type=float, default=0.0,
-      help="stop training (both arms) after this many seconds of it (0: run all --steps)")
+      help="stop training (all arms) after this many seconds of it (0: run all --steps)")
     a("--batch", type=int, default=64)
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=0.1)
@@ -75,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--schedule", choices=("constant", "cosine"), default="constant",
       help="lr after the warm-up: constant (TRM's) or cosine decay to --min-lr-ratio x lr")
     a("--min-lr-ratio", type=float, default=0.1, help="cosine schedule: final lr / lr")
-    a("--ema-decay", type=float, default=0.99, help="EMA of weights (0.999 in TRM's 65k steps)")
+    a("--ema-decay", type=float, default=0.99,
+      help="also evaluate an EMA of the weights (in the JSON only; 0.999 in TRM's 65k steps;"
+           " 0: off)")
     a("--eval-every", type=int, default=0, help="also evaluate every N steps (0: at the end)")
     a("--max-sup-steps", type=int, default=2, help="ACT maximum supervision steps (eval runs all)")
     a("--seeds", type=int, nargs="+", default=[0], help="model / batch-order seeds")
@@ -83,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-train", type=int, default=2000)
     a("--n-test", type=int, default=500)
     a("--laser", action=argparse.BooleanOptionalAction, default=True,
-      help="also train the LASER arm (--no-laser: baseline only)")
+      help="--no-laser: the uncompressed arm only (same as --arms baseline)")
+    a("--deep-T", type=int, default=0,
+      help="after training, also measure the trained weights at this T (0: not)")
+    a("--deep-grad-cycles", type=int, default=0,
+      help="grad cycles of the deeper setting (0: all --deep-T)")
+    a("--deep-n", type=int, default=0, help="n of the deeper setting (0: --n)")
+    a("--deep-steps", type=int, default=5,
+      help="lockstep steps measured in the deeper setting (the first left out of the timing)")
     a("--energy", type=float, default=None, help="LaserConfig.energy")
     a("--rank", type=int, default=None, help="LaserConfig.rank (fixed rank)")
     a("--fidelity", type=float, default=None, help="LaserConfig.fidelity")
@@ -94,10 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
       help="load the generated puzzles from this file, or generate and save them there")
     a("--save-models", type=Path, default=None,
       help="save each arm's trained weights (and EMA) to DIR/<task><size>_seed<k>_<arm>.pt")
-    a("--out", type=Path, default=None, help="write the results JSON here")
-    a("--quick", action="store_true", help="the demo: small Sudoku, both arms, ~2-4 min")
+    a("--out", type=Path, default=None,
+      help="write the results JSON here, the printed summary beside it (.md) and its plot (.png)")
+    a("--quick", action="store_true",
+      help="the demo (`make demo`): 5x5 mazes, three arms, a deeper setting, ~1 min")
     a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     return p
+
+
+def options(args: argparse.Namespace | None = None) -> argparse.Namespace:
+    """The parser defaults, updated by ``args``, then by `QUICK` when ``args.quick``; checked."""
+    defaults = vars(build_parser().parse_args([]))
+    opts = {**defaults, **(vars(args) if args is not None else {})}
+    if opts["quick"]:
+        given_out = opts["out"]
+        opts.update(QUICK)
+        opts["out"] = given_out or QUICK["out"]  # --quick --out PATH writes there instead
+    if not opts["laser"]:
+        opts["arms"] = ["baseline"]
+    unknown = sorted(set(opts["arms"]) - set(ARMS))
+    if unknown or not opts["arms"]:
+        raise laser_fx.ConfigError(f"--arms must name some of {list(ARMS)}, got {opts['arms']}.")
+    opts["arms"] = [a for a in ARMS if a in opts["arms"]]  # a fixed order: rows, ratios
+    if not 0.0 <= opts["min_lr_ratio"] <= 1.0:
+        raise laser_fx.ConfigError(
+            f"--min-lr-ratio must be in [0, 1] (the cosine schedule's final lr as a fraction of"
+            f" --lr), got {opts['min_lr_ratio']}."
+        )
+    if opts["deep_T"] < 0 or opts["deep_grad_cycles"] < 0 or opts["deep_n"] < 0:
+        raise laser_fx.ConfigError("--deep-T, --deep-grad-cycles and --deep-n must be >= 0.")
+    return argparse.Namespace(**opts)
 
 
 def _laser_config(args: argparse.Namespace) -> laser_fx.LaserConfig:
@@ -117,15 +182,75 @@ def _lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-class _Arm:
-    """One trained model: the model (compressed in place for LASER), optimizer, EMA, carry, timings."""
+# --------------------------------------------------------------------------------- arms
+class TorchCheckpoint(nn.Module):
+    """Runs the wrapped module through ``torch.utils.checkpoint`` (non-reentrant) with grad on.
 
-    def __init__(self, name: str, model: TRM, args, seed: int, data):
+    Each grad-enabled call keeps only its inputs and re-runs the module in backward; without
+    grad (TRM's first cycles, evaluation) it calls the module directly. The wrapper hides its
+    ``module.`` prefix from ``state_dict`` and ``load_state_dict`` (as torch's
+    ``CheckpointWrapper`` does), so the arm's weights save and load as the plain model's.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.register_state_dict_post_hook(self._drop_prefix)
+        self.register_load_state_dict_pre_hook(self._add_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.module, *args, use_reentrant=False,
+                                                 **kwargs)
+
+    @staticmethod
+    def _drop_prefix(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
+        inner = prefix + "module."
+        for key in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+    @staticmethod
+    def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        inner = prefix + "module."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def torch_checkpointed(model: TRM) -> TRM:
+    """``model`` with its shared ``net`` wrapped IN PLACE in a `TorchCheckpoint`; returns it."""
+    model.net = TorchCheckpoint(model.net)
+    return model
+
+
+def _build_arms(base: TRM, args, probe_x) -> tuple[dict[str, TRM], float]:
+    """The selected arms' models, all from ``base``'s weights; and compress's seconds."""
+    models: dict[str, TRM] = {}
+    compress_s = 0.0
+    for name in args.arms:
+        if name == "baseline":
+            models[name] = base
+        elif name == "checkpoint":
+            models[name] = torch_checkpointed(copy.deepcopy(base))
+        else:
+            twin = copy.deepcopy(base)  # same initial weights: a paired comparison
+            y0, z0 = twin.initial_carry(probe_x.shape[0])
+            t0 = time.perf_counter()
+            laser_fx.compress(twin, config=_laser_config(args), example_inputs=(probe_x, y0, z0))
+            compress_s = time.perf_counter() - t0
+            models[name] = twin
+    return models, compress_s
+
+
+class _Arm:
+    """One trained model: the model, optimizer, EMA, carry, timings."""
+
+    def __init__(self, name: str, model: TRM, args, seed: int, data, ema: bool = True):
         self.name, self.model = name, model
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
         )
-        self.ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+        self.ema = EMA(model, args.ema_decay) if ema and args.ema_decay > 0 else None
         batches = iterate_batches(data[0], data[1], args.batch, seed=seed)
         self.ds = DeepSupervision(
             model.initial_carry, batches, max_steps=args.max_sup_steps, seed=seed
@@ -156,6 +281,30 @@ class _Arm:
         self.losses.append(metrics["loss"])
         self.last = metrics
 
+    def median_step(self, skip: int = _SKIP_TIMING) -> float:
+        """Median step time, the first ``skip`` steps (at most half) left out as warm-up."""
+        return statistics.median(self.times[min(skip, len(self.times) // 2):])
+
+
+def _lockstep(runners: list[_Arm], steps: int, args, desc: str, on_step=None) -> int:
+    """Train ``runners`` one step each per round (first arm alternating); returns steps done."""
+    bar = tqdm(range(steps), desc=desc, disable=not args.progress, file=sys.stderr)
+    t_start = time.perf_counter()
+    done = 0
+    for step in bar:
+        for arm in runners if step % 2 == 0 else runners[::-1]:
+            arm.step(step, args)
+        if on_step is not None:
+            on_step(step)
+        bar.set_postfix({
+            f"{a.name[:4]}": f"loss {a.last['loss']:.3f} acc {a.last['token_acc']:.2f}/"
+            f"{a.last['exact_acc']:.2f}" for a in runners
+        })
+        done = step + 1
+        if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
+            break
+    return done
+
 
 def _sync(device: str) -> None:
     """Wait for queued GPU work, so wall-clock step times are the work's own."""
@@ -170,6 +319,30 @@ def _memory(model: TRM, inputs, labels) -> dict[str, int]:
     )
     model.zero_grad(set_to_none=True)  # the measurement's backward wrote .grad
     return {"activation_bytes": mem.after_forward, "peak_bytes": mem.peak}
+
+
+def _grad_calls(cfg: TRMConfig) -> int:
+    return cfg.grad_cycles * (cfg.n + 1)
+
+
+def _setting(cfg: TRMConfig) -> dict[str, int]:
+    return {"n": cfg.n, "T": cfg.T, "grad_cycles": cfg.grad_cycles,
+            "grad_calls": _grad_calls(cfg)}
+
+
+def _stored_ranks(model: nn.Module) -> dict[str, dict[str, list[int]]]:
+    """Per LASER site and stored input slot: [width, rank] of its tracker (0: stored exactly)."""
+    return {m.site.name: {slot: [t.width, int(t.stats()["rank"])] for slot, t in m.trackers.items()}
+            for m in model.modules() if isinstance(m, laser_fx.SiteWrapper)}
+
+
+def _ratios(arms: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, float] | None:
+    if num not in arms or den not in arms:
+        return None
+    a, b = arms[num], arms[den]
+    return {"activation": a["activation_bytes"] / max(b["activation_bytes"], 1),
+            "peak": a["peak_bytes"] / max(b["peak_bytes"], 1),
+            "step_time": a["step_time_median_s"] / b["step_time_median_s"]}
 
 
 def _save_model(arm: _Arm, cfg: TRMConfig, args, seed: int) -> Path:
@@ -214,168 +387,298 @@ def _evaluate(arm: _Arm, test, args) -> dict[str, Any]:
     return out
 
 
+def _deeper(trained: TRM, args, seed: int, data, probe, log) -> dict[str, Any]:
+    """The trained weights in a deeper-gradient TRM: a few lockstep steps of every arm."""
+    cfg = dataclasses.replace(
+        trained.config, T=args.deep_T, n=args.deep_n or trained.config.n,
+        grad_cycles=args.deep_grad_cycles or args.deep_T,
+    )
+    base = TRM(cfg).to(args.device)
+    base.load_state_dict(trained.state_dict())  # the same weights; only the recursion differs
+    models, compress_s = _build_arms(base, args, probe[0])
+    runners = [_Arm(name, model, args, seed, data, ema=False) for name, model in models.items()]
+    desc = f"seed {seed}, deeper ({_grad_calls(cfg)} grad calls)"
+    _lockstep(runners, args.deep_steps, args, desc)
+    out: dict[str, Any] = {"setting": _setting(cfg), "steps": args.deep_steps, "arms": {}}
+    for arm in runners:
+        out["arms"][arm.name] = {**_memory(arm.model, *probe),
+                                 "step_time_median_s": arm.median_step(skip=1)}
+    if "laser" in models:
+        report = laser_fx.report(models["laser"])
+        out["laser_report"] = report.to_dict()
+        out["laser_ranks"] = _stored_ranks(models["laser"])
+        out["compress_seconds"] = compress_s
+        log(f"LASER per-site report (seed {seed}, deeper setting):\n{report}\n")
+    out["vs_checkpoint"] = _ratios(out["arms"], "laser", "checkpoint")
+    return out
+
+
 def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
     cfg = TRMConfig(
         vocab_size=vocab_size(args.task, args.size), seq_len=seq_len(args.task, args.size),
-        hidden_size=args.d, num_heads=args.heads, n=args.n, T=args.T, mixer=args.mixer,
+        hidden_size=args.d, num_heads=args.heads, n=args.n, T=args.T,
+        grad_cycles=args.grad_cycles, mixer=args.mixer,
     )
     torch.manual_seed(seed)
     base = TRM(cfg).to(args.device)
-    arms = [("baseline", base)]
-    probe_x, probe_y = data[0][: args.batch], data[1][: args.batch]
-    laser = None
-    compress_s = 0.0
-    if args.laser:
-        laser = copy.deepcopy(base)  # same initial weights: a paired comparison
-        y0, z0 = laser.initial_carry(args.batch)
-        t0 = time.perf_counter()
-        laser_fx.compress(laser, config=_laser_config(args), example_inputs=(probe_x, y0, z0))
-        compress_s = time.perf_counter() - t0
-        arms.append(("laser", laser))
-    start_memory = {name: _memory(model, probe_x, probe_y) for name, model in arms}
-    runners = [_Arm(name, model, args, seed, data) for name, model in arms]
-    bar = tqdm(range(args.steps), desc=f"seed {seed}", disable=not args.progress, file=sys.stderr)
-    t_start = time.perf_counter()
-    steps_done = 0
-    for step in bar:
-        order = runners if step % 2 == 0 else runners[::-1]  # alternate who goes first
-        for arm in order:
-            arm.step(step, args)
+    probe = (data[0][: args.batch], data[1][: args.batch])
+    models, compress_s = _build_arms(base, args, probe[0])
+    start_memory = {name: _memory(model, *probe) for name, model in models.items()}
+    runners = [_Arm(name, model, args, seed, data) for name, model in models.items()]
+
+    def on_step(step: int) -> None:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             for arm in runners:
                 acc = evaluate(arm.model, test[0], test[1], steps=args.max_sup_steps)
                 arm.curve.append([step + 1, acc["exact_acc"], acc["token_acc"]])
-        bar.set_postfix({
-            f"{a.name[:4]}": f"loss {a.last['loss']:.3f} acc {a.last['token_acc']:.2f}/"
-            f"{a.last['exact_acc']:.2f}" for a in runners
-        })
-        steps_done = step + 1
-        if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
-            break
+
+    t_start = time.perf_counter()
+    steps_done = _lockstep(runners, args.steps, args, f"seed {seed}", on_step)
     train_s = time.perf_counter() - t_start
     if args.save_models is not None:
         for arm in runners:
             _save_model(arm, cfg, args, seed)
     # measured again after training: LASER's ranks follow the trained activations' spectra
-    memory = {a.name: _memory(a.model, probe_x, probe_y) for a in runners}
+    memory = {a.name: _memory(a.model, *probe) for a in runners}
     result: dict[str, Any] = {"seed": seed, "train_seconds": train_s, "steps_done": steps_done,
-                              "arms": {}}
+                              "setting": _setting(cfg), "arms": {}}
     for arm in runners:
-        times = arm.times[_SKIP_TIMING:] or arm.times
         k = max(len(arm.losses) // 10, 1)
         result["arms"][arm.name] = {
             **memory[arm.name],
             "activation_bytes_at_init": start_memory[arm.name]["activation_bytes"],
-            "step_time_median_s": statistics.median(times),
+            "step_time_median_s": arm.median_step(),
             "loss_first": statistics.fmean(arm.losses[:k]),
             "loss_last": statistics.fmean(arm.losses[-k:]),
+            "losses": arm.losses,
             "eval": _evaluate(arm, test, args),
         }
         final = result["arms"][arm.name]["eval"]["raw"]
         result["arms"][arm.name]["curve"] = [*arm.curve,
                                              [steps_done, final["exact_acc"], final["token_acc"]]]
-    if laser is not None:
-        report = laser_fx.report(laser)  # bytes of the memory measurement's step, on probe_x
+    if "laser" in models:
+        report = laser_fx.report(models["laser"])  # bytes of the memory measurement's step
         result["laser_report"] = report.to_dict()
+        result["laser_ranks"] = _stored_ranks(models["laser"])
         result["compress_seconds"] = compress_s
         log(f"LASER per-site report (seed {seed}):\n{report}\n")
-        b, c = result["arms"]["baseline"], result["arms"]["laser"]
-        result["memory_ratio"] = c["activation_bytes"] / max(b["activation_bytes"], 1)
-        result["step_time_ratio"] = c["step_time_median_s"] / b["step_time_median_s"]
+    arms = result["arms"]
+    if "laser" in arms and "baseline" in arms:  # the experiment's figures (laser / baseline)
+        result["memory_ratio"] = (arms["laser"]["activation_bytes"]
+                                  / max(arms["baseline"]["activation_bytes"], 1))
+        result["step_time_ratio"] = (arms["laser"]["step_time_median_s"]
+                                     / arms["baseline"]["step_time_median_s"])
+    result["vs_checkpoint"] = _ratios(arms, "laser", "checkpoint")
+    if args.deep_T:
+        # the uncompressed weights: every arm's state dict has the plain model's keys
+        trained = next(iter(models.values()))
+        plain = TRM(cfg).to(args.device)
+        plain.load_state_dict(trained.state_dict())
+        result["deeper"] = _deeper(plain, args, seed, data, probe, log)
     return result
 
 
 def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
-    """Train every seed (both arms unless ``args.laser`` is False) and return the results.
+    """Train every seed (the arms in ``args.arms``) and return the results.
 
     Args:
         args: parsed options (`build_parser`); missing attributes take the parser defaults,
-            and ``quick=True`` overrides them with `QUICK`.
-        log: where the per-site report and summaries go (``print``; ``lambda s: None`` mutes).
+            and ``quick=True`` overrides them with `QUICK` (see `options`).
+        log: where the per-site reports go (``print``; ``lambda s: None`` mutes).
 
     Returns:
         {"config": options, "eval_weights": ..., "runs": [per-seed results]}: per arm,
         activation and peak bytes of one step on the same batch after training (and the
-        activation bytes before it), median step time,
-        first/last loss (mean of the first/last tenth of the steps), and held-out exact and
-        token accuracy with raw and EMA weights; with LASER also the per-site report and the
-        seconds `laser_fx.compress` took.
+        activation bytes before it), median step time, the loss of every step and
+        first/last loss (mean of the first/last tenth of the steps), held-out exact and
+        token accuracy with raw (and, with ``ema_decay > 0``, EMA) weights; with LASER also
+        the per-site report and the seconds `laser_fx.compress` took; with ``deep_T`` the
+        same memory, time and report in the deeper setting (``"deeper"``).
     """
-    defaults = vars(build_parser().parse_args([]))
-    opts = {**defaults, **(vars(args) if args is not None else {})}
-    if opts["quick"]:
-        opts.update(QUICK)
-    args = argparse.Namespace(**opts)
-    if not 0.0 <= args.min_lr_ratio <= 1.0:
-        raise laser_fx.ConfigError(
-            f"--min-lr-ratio must be in [0, 1] (the cosine schedule's final lr as a fraction of"
-            f" --lr), got {args.min_lr_ratio}."
-        )
+    args = options(args)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t_run = t0 = time.perf_counter()
     data, test = _datasets(args)
     data_s = time.perf_counter() - t0
     data = tuple(t.to(args.device) for t in data)
     test = tuple(t.to(args.device) for t in test)
     runs = [_train_seed(seed, args, data, test, log) for seed in args.seeds]
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {
         "config": config,
-        "eval_weights": "raw weights (primary) and EMA weights, both reported",
+        "eval_weights": ("raw weights (primary)"
+                         + (" and EMA weights" if args.ema_decay > 0 else "")),
         "data_seconds": data_s,
         "torch": torch.__version__,
         "device_name": (torch.cuda.get_device_name(args.device)
                         if torch.device(args.device).type == "cuda" else platform.processor()
                         or platform.machine()),
         "runs": runs,
+        "run_seconds": time.perf_counter() - t_run,
     }
 
 
+# ------------------------------------------------------------------------------ summary
 def _fmt_mib(b: float) -> str:
     return f"{b / 2**20:.1f} MiB"
 
 
+def _setting_line(s: dict[str, int]) -> str:
+    through = "the last cycle" if s["grad_cycles"] == 1 else (
+        f"all {s['T']} cycles" if s["grad_cycles"] == s["T"] else
+        f"the last {s['grad_cycles']} cycles")
+    return (f"n={s['n']}, T={s['T']}, gradient through {through}:"
+            f" {s['grad_calls']} grad-enabled block calls")
+
+
+def _laser_line(block: dict[str, Any], config: dict[str, Any]) -> str:
+    """What the LASER arm stored: its ranks, or why it stored the block inputs exactly."""
+    t = block["laser_report"]["totals"]
+    kept = (f"; kept {_fmt_mib(t['stored_bytes'])} for backward where the same calls keep"
+            f" {_fmt_mib(t['dense_bytes'])} uncompressed ({t['ratio']:.3f}x)"
+            if t["ratio"] is not None else "")
+    slots = block["laser_ranks"]
+    if any(rank > 0 for site in slots.values() for _, rank in site.values()):
+        ranks = "; ".join(
+            f"{name} inputs: rank {', '.join(str(r) for _, r in site.values())} of width"
+            f" {'/'.join(sorted({str(w) for w, _ in site.values()}))}"
+            for name, site in slots.items())
+        return f"laser_fx stores low-rank bases ({ranks}){kept}"
+    if config.get("rank") is not None:
+        why = f"at rank {config['rank']} the coefficients would not be smaller than the inputs"
+    else:
+        energy = config.get("energy") or laser_fx.LaserConfig().energy
+        why = f"at energy {energy} they need more than 3/4 of the width"
+    return (f"laser_fx stores these block inputs exactly (rank 0): {why}; it equals torch"
+            f" checkpoint here{kept}")
+
+
+def _table(arms: dict[str, dict[str, Any]], trained: bool) -> list[str]:
+    lines = [f"    {'arm':<17} {'act. memory':>11} {'peak':>10} {'step':>7}"
+             + (f" {'exact/token':>13}" if trained else "")]
+    for name, a in arms.items():
+        acc = ""
+        if trained:
+            raw = a["eval"]["raw"]
+            acc = f"{raw['exact_acc']:.1%}/{raw['token_acc']:.1%}"
+        lines.append(f"    {LABELS[name]:<17} {_fmt_mib(a['activation_bytes']):>11}"
+                     f" {_fmt_mib(a['peak_bytes']):>10} {a['step_time_median_s'] * 1e3:>5.0f}ms"
+                     f" {acc:>13}".rstrip())
+    return lines
+
+
+def _vs_lines(block: dict[str, Any]) -> list[str]:
+    lines = []
+    arms = block["arms"]
+    for name in ("checkpoint", "laser"):
+        r = _ratios(arms, name, "baseline")
+        if r is not None:
+            lines.append(f"    {LABELS[name]} / uncompressed: activation memory"
+                         f" {r['activation']:.3f}x, peak {r['peak']:.2f}x,"
+                         f" step time {r['step_time']:.2f}x")
+    r = block.get("vs_checkpoint")
+    if r is not None:
+        lines.append(f"    laser_fx / torch checkpoint: activation memory {r['activation']:.2f}x,"
+                     f" peak {r['peak']:.2f}x, step time {r['step_time']:.2f}x")
+    return lines
+
+
 def summarize(result: dict[str, Any]) -> str:
-    """A readable summary of `run`'s result (one block per seed)."""
+    """A readable summary of `run`'s result: per seed, one block of rows per setting."""
     c = result["config"]
     lines = [
-        f"TRM {c['task']} {c['size']}x{c['size']}, mixer {c['mixer']}, D={c['d']}, n={c['n']},"
-        f" T={c['T']}, ACT max {c['max_sup_steps']}, batch {c['batch']}, {c['steps']} steps,"
-        f" {c['n_test']} held-out puzzles (accuracy: exact / token)",
+        f"TRM {c['task']} {c['size']}x{c['size']}, mixer {c['mixer']}, D={c['d']}, batch"
+        f" {c['batch']}, ACT max {c['max_sup_steps']}; arms from the same initial weights, same"
+        " batches, steps interleaved",
+        "memory: one training step on the same batch (act. memory: kept for backward after"
+        " the forward; peak: over forward and backward); step: median step time;"
+        f" accuracy on {c['n_test']} held-out puzzles, raw weights",
     ]
     for r in result["runs"]:
-        lines.append(f"seed {r['seed']}: {r['steps_done']} steps in {r['train_seconds']:.0f} s")
-        lines.append(f"  {'arm':<9} {'act. memory':>12} {'peak':>11} {'step':>8}"
-                     f" {'raw exact/token':>16} {'EMA exact/token':>16}")
-        for name, a in r["arms"].items():
-            ev = a["eval"]
-            ema = ev.get("ema")
-            lines.append(
-                f"  {name:<9} {_fmt_mib(a['activation_bytes']):>12} {_fmt_mib(a['peak_bytes']):>11}"
-                f" {a['step_time_median_s'] * 1e3:>6.0f}ms"
-                f" {ev['raw']['exact_acc']:>8.1%}/{ev['raw']['token_acc']:.1%}"
-                + (f" {ema['exact_acc']:>8.1%}/{ema['token_acc']:.1%}" if ema else "")
-            )
-        if "memory_ratio" in r:
-            lines.append(
-                f"  LASER/baseline: activation memory {r['memory_ratio']:.2f}x"
-                f" ({1 - r['memory_ratio']:.0%} saved), step time {r['step_time_ratio']:.2f}x"
-                " (medians, steps interleaved)"
-            )
-            lines.append(f"  laser_fx.compress (in place: probe run, swap, one check run):"
+        lines.append(f"seed {r['seed']}:")
+        lines.append(f"  {_setting_line(r['setting'])}; trained {r['steps_done']} steps in"
+                     f" {r['train_seconds']:.0f} s")
+        lines += _table(r["arms"], trained=True)
+        lines += _vs_lines(r)
+        if "laser_report" in r:
+            lines.append(f"    {_laser_line(r, c)}")
+            lines.append(f"    laser_fx.compress (in place: probe run, swap, one check run):"
                          f" {r['compress_seconds']:.2f} s")
+        deep = r.get("deeper")
+        if deep is not None:
+            lines.append(f"  deeper: {_setting_line(deep['setting'])}; the trained weights,"
+                         f" {deep['steps']} lockstep steps measured (not trained, no accuracy)")
+            lines += _table(deep["arms"], trained=False)
+            lines += _vs_lines(deep)
+            if "laser_report" in deep:
+                lines.append(f"    {_laser_line(deep, c)}")
+    if "run_seconds" in result:
+        lines.append(f"whole run (data, training, evaluation, measurements):"
+                     f" {result['run_seconds']:.0f} s")
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Bar chart of after-forward and peak memory per arm and setting (first seed); ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["runs"][0]
+    blocks = [(r["setting"], r["arms"])]
+    if "deeper" in r:
+        blocks.append((r["deeper"]["setting"], r["deeper"]["arms"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(r["arms"])
+    width = 0.8 / len(names)
+    for ax, key, title in zip(axes, ("activation_bytes", "peak_bytes"),
+                              ("kept for backward after the forward", "peak over the step"),
+                              strict=True):
+        for i, name in enumerate(names):
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(blocks))]
+            ys = [arms[name][key] / 2**20 for _, arms in blocks]
+            bars = ax.bar(xs, ys, width, label=LABELS[name])
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(range(len(blocks)),
+                      [f"{s['grad_calls']} grad calls\n(n={s['n']}, T={s['T']}, grad"
+                       f" {s['grad_cycles']})" for s, _ in blocks])
+        ax.set(title=title, ylabel="MiB (log scale)", yscale="log")
+        ax.legend()
+    c = result["config"]
+    fig.suptitle(f"TRM {c['task']} {c['size']}x{c['size']}, {c['mixer']}, D={c['d']},"
+                 f" batch {c['batch']}: one training step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _write(result: dict[str, Any], text: str, out: Path, argv: list[str]) -> list[Path]:
+    """The JSON, the summary (.md, with the command and the plot) and the plot (.png)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    png = plot(result, out.with_suffix(".png"))
+    md = out.with_suffix(".md")
+    command = " ".join(["python examples/trm/train.py", *argv])
+    md.write_text(f"# TRM: uncompressed, torch checkpoint and laser_fx\n\nCommand: `{command}`"
+                  f" (torch {result['torch']}, {result['device_name']}).\n\n```\n{text}\n```\n\n"
+                  f"![memory per arm and setting]({png.name})\n")
+    return [out, md, png]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: train, print the summary, write `--out`."""
+    """CLI entry: train, print the summary, write `--out` (and its .md and .png)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     result = run(args)
-    print(summarize(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    text = summarize(result)
+    print(text)
+    out = result["config"]["out"]
+    if out is not None:
+        written = _write(result, text, Path(out), argv)
+        print("wrote " + ", ".join(map(str, written)))
     return 0 if all(math.isfinite(a["loss_last"]) for r in result["runs"]
                     for a in r["arms"].values()) else 1
 

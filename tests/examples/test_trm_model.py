@@ -94,16 +94,34 @@ def test_no_grad_cycles_save_nothing_for_backward() -> None:
 
 
 @pytest.mark.parametrize(
-    ("T", "carry_gets_grad"), [pytest.param(1, True, id="T1"), pytest.param(2, False, id="T2")]
+    ("T", "grad_cycles", "carry_gets_grad"),
+    [
+        pytest.param(1, 1, True, id="T1"),
+        pytest.param(2, 1, False, id="T2"),
+        pytest.param(3, 2, False, id="T3-grad2"),
+        pytest.param(3, 3, True, id="T3-grad3-full-backprop"),
+    ],
 )
-def test_gradient_flows_only_through_last_cycle(T: int, carry_gets_grad: bool) -> None:
-    model = _model(T=T)
+def test_gradient_flows_only_through_the_last_grad_cycles(
+    T: int, grad_cycles: int, carry_gets_grad: bool
+) -> None:
+    model = _model(T=T, grad_cycles=grad_cycles)
     y, z = model.initial_carry(2)
     y.requires_grad_(True)
     logits, *_ = model(_inputs(2), y, z)
     logits.sum().backward()
-    # with T >= 2 the incoming carry is only read by no-grad cycles
+    # the incoming carry gets a gradient only when no cycle before it runs without grad
     assert (y.grad is not None and y.grad.abs().sum() > 0) == carry_gets_grad
+
+
+def test_grad_cycles_save_once_per_grad_cycle() -> None:
+    tokens = _inputs(4)
+    one = _saved_bytes(_model(T=3, grad_cycles=1), tokens)
+    for k in (2, 3):
+        got = _saved_bytes(_model(T=3, grad_cycles=k), tokens)
+        # every grad-enabled cycle keeps its own activations: k times one cycle's, give or take
+        # the embedding and the heads, saved once
+        assert 0.9 * k * one <= got <= 1.05 * k * one, f"grad_cycles={k}: {got} B, one: {one} B"
 
 
 def test_deep_supervision_carry_changes_the_output() -> None:
@@ -165,6 +183,8 @@ def test_swiglu_hidden(width: int, expansion: float, expected: int) -> None:
         pytest.param({"mixer": "mlp_t", "pos_encoding": "rope"}, "rope", id="rope-needs-attn"),
         pytest.param({"num_heads": 5}, "num_heads", id="heads"),
         pytest.param({"T": 0}, "`T`", id="T"),
+        pytest.param({"grad_cycles": 0}, "grad_cycles", id="grad-cycles-0"),
+        pytest.param({"T": 2, "grad_cycles": 3}, r"grad_cycles.*\[1, T=2\]", id="grad-cycles>T"),
         pytest.param({"pos_encoding": "sinus"}, "pos_encoding", id="pos"),
     ],
 )

@@ -6,6 +6,8 @@ import argparse
 import copy
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,27 +30,154 @@ def _args(**kw: object) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def both_arms() -> dict:
-    return train.run(_args(seeds=[0]), log=lambda s: None)
+def three_arms() -> dict:
+    return train.run(_args(seeds=[0], deep_T=3, deep_steps=2), log=lambda s: None)
 
 
-def test_run_with_laser_returns_both_arms(both_arms: dict) -> None:
-    (r,) = both_arms["runs"]
-    assert set(r["arms"]) == {"baseline", "laser"}
+def test_run_trains_three_arms_and_measures_a_deeper_setting(three_arms: dict) -> None:
+    (r,) = three_arms["runs"]
+    assert list(r["arms"]) == ["baseline", "checkpoint", "laser"]
     for a in r["arms"].values():
         assert a["activation_bytes"] > 0 and a["peak_bytes"] >= a["activation_bytes"]
         assert a["step_time_median_s"] > 0 and math.isfinite(a["loss_last"])
+        assert len(a["losses"]) == TINY["steps"]
         for weights in ("raw", "ema"):
             assert 0.0 <= a["eval"][weights]["exact_acc"] <= a["eval"][weights]["token_acc"] <= 1.0
-    assert 0 < r["memory_ratio"] < 1, "LASER must store less than the baseline"
-    assert r["step_time_ratio"] > 0
+    base, ckpt, laser = (r["arms"][k]["activation_bytes"] for k in train.ARMS)
+    # D=16 inputs are full-rank: LASER may store them exactly, never more than torch does
+    assert laser <= ckpt < base, f"kept for backward: {base}, {ckpt}, {laser} B"
+    assert 0 < r["memory_ratio"] < 1 and r["step_time_ratio"] > 0
+    assert set(r["vs_checkpoint"]) == {"activation", "peak", "step_time"}
     assert [s["name"] for s in r["laser_report"]["sites"]] == ["net"]  # the shared block
-    assert r["laser_report"]["sites"][0]["stored_bytes"] < r["laser_report"]["sites"][0][
-        "dense_bytes"]
+    assert {w for w, _ in r["laser_ranks"]["net"].values()} == {TINY["d"]}  # z and y + x
     assert 0 < r["compress_seconds"] < 5.0, "compress is one probe run and one check run"
-    json.dumps(both_arms)  # the whole result is JSON-ready
-    assert "LASER/baseline" in train.summarize(both_arms)
-    assert "laser_fx.compress (in place" in train.summarize(both_arms)
+    assert r["setting"] == {"n": 2, "T": 2, "grad_cycles": 1, "grad_calls": 3}
+    deep = r["deeper"]
+    assert deep["setting"] == {"n": 2, "T": 3, "grad_cycles": 3, "grad_calls": 9}
+    assert list(deep["arms"]) == list(train.ARMS) and "eval" not in deep["arms"]["baseline"]
+    for name in train.ARMS:  # more grad-enabled block calls keep more, in every arm
+        assert deep["arms"][name]["activation_bytes"] > r["arms"][name]["activation_bytes"], name
+    assert deep["laser_report"]["sites"][0]["grad_uses"] == 9
+    json.dumps(three_arms)  # the whole result is JSON-ready
+
+
+def test_uncompressed_and_torch_checkpoint_arms_train_identically(three_arms: dict) -> None:
+    # same initial weights, same batches: the exact re-run makes every step's loss bit-equal
+    arms = three_arms["runs"][0]["arms"]
+    assert arms["checkpoint"]["losses"] == arms["baseline"]["losses"]
+    assert arms["checkpoint"]["eval"] == arms["baseline"]["eval"]
+
+
+def test_laser_at_energy_one_trains_like_the_uncompressed_arm() -> None:
+    out = train.run(_args(seeds=[0], arms=["baseline", "laser"], energy=1.0, ema_decay=0.0),
+                    log=lambda s: None)
+    arms = out["runs"][0]["arms"]
+    assert list(arms) == ["baseline", "laser"] and out["runs"][0]["vs_checkpoint"] is None
+    assert out["runs"][0]["laser_report"]["sites"][0]["calls"] > 0  # through the wrapper
+    torch.testing.assert_close(arms["laser"]["losses"], arms["baseline"]["losses"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_summary_shows_three_arms_both_settings_and_what_laser_stored(three_arms: dict) -> None:
+    text = train.summarize(three_arms)
+    for label in ("uncompressed", "torch checkpoint", "laser_fx"):
+        rows = [ln for ln in text.splitlines() if re.match(rf"\s*{label}\s+[\d.]+ MiB", ln)]
+        assert len(rows) == 2, f"{label}: one row per setting, got {rows}"
+    assert "3 grad-enabled block calls" in text and "9 grad-enabled block calls" in text
+    assert "laser_fx / torch checkpoint: activation memory" in text
+    assert "laser_fx.compress (in place" in text
+    assert text.count("laser_fx stores") == 2  # low-rank bases, or why not, per setting
+    assert "EMA" not in text  # evaluated into the JSON only
+
+
+@pytest.mark.parametrize(
+    ("ranks", "config", "expected"),
+    [
+        pytest.param({"net": {"in0": [64, 14], "in1": [64, 13]}}, {},
+                     "low-rank bases (net inputs: rank 14, 13 of width 64)", id="low-rank"),
+        pytest.param({"net": {"in0": [64, 0], "in1": [64, 0]}}, {"energy": 0.999},
+                     "exactly (rank 0): at energy 0.999 they need more than 3/4 of the width;"
+                     " it equals torch checkpoint here", id="dense-energy"),
+        pytest.param({"net": {"in0": [64, 0]}}, {"rank": 60},
+                     "exactly (rank 0): at rank 60 the coefficients", id="dense-rank"),
+    ],
+)
+def test_laser_line_gives_the_ranks_or_says_why_it_stores_exactly(ranks, config, expected):
+    block = {"laser_ranks": ranks, "laser_report": {"totals": {
+        "stored_bytes": 2**20, "dense_bytes": 2**24, "ratio": 2**-4}}}
+    line = train._laser_line(block, config)
+    assert expected in line and "(0.062x)" in line
+
+
+def test_quick_is_what_make_demo_runs_three_arms_and_a_deeper_setting() -> None:
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "examples/trm/train.py --quick" in recipe
+    opts = train.options(argparse.Namespace(quick=True))
+    assert {k: getattr(opts, k) for k in train.QUICK} == train.QUICK
+    assert opts.arms == list(train.ARMS)
+    shallow = opts.grad_cycles * (opts.n + 1)
+    deep = (opts.deep_grad_cycles or opts.deep_T) * ((opts.deep_n or opts.n) + 1)
+    assert deep >= 4 * shallow, "the deeper setting must store clearly more checkpoints"
+    assert train.options(argparse.Namespace(quick=True, out=Path("x.json"))).out == Path("x.json")
+
+
+def test_main_writes_json_summary_and_plot(tmp_path) -> None:
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "steps"]
+    out = tmp_path / "demo.json"
+    assert train.main([*argv, "--steps=2", "--ema-decay=0", "--deep-T=2", "--deep-steps=2",
+                       "--no-progress", f"--out={out}"]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["runs"][0]["deeper"]["arms"]) == list(train.ARMS)
+    md = (tmp_path / "demo.md").read_text()
+    assert "torch checkpoint" in md and "![memory per arm and setting](demo.png)" in md
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mixer", ["mlp_t", "attn"])
+def test_torch_checkpoint_arm_keeps_keys_forward_and_gradients(mixer: str) -> None:
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=6, seq_len=16, hidden_size=16, num_heads=2, n=2, T=2,
+                          mixer=mixer))
+    tokens = torch.randint(1, 6, (4, 16), generator=torch.Generator().manual_seed(3))
+    twin = train.torch_checkpointed(copy.deepcopy(model))
+    assert isinstance(twin.net, train.TorchCheckpoint)
+    assert list(twin.state_dict()) == list(model.state_dict())  # the wrapper hides its prefix
+    twin.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(twin.state_dict(), strict=True)
+    for m in (model, twin):
+        logits, q, _, _ = m(tokens, *m.initial_carry(4))
+        (logits.square().mean() + q.sum()).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.data())
+def test_property_grad_cycles_set_the_grad_enabled_block_calls(n: int, T: int, data) -> None:
+    k = data.draw(st.integers(1, T), label="grad_cycles")
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=6, seq_len=16, hidden_size=16, num_heads=2, n=n, T=T,
+                          grad_cycles=k, mixer="mlp_t"))
+    tokens = torch.randint(1, 6, (2, 16), generator=torch.Generator().manual_seed(1))
+    (net,) = [s for s in laser_fx.find_sites(model, (tokens, *model.initial_carry(2)))
+              if s.name == "net"]
+    assert net.num_uses == T * (n + 1) and net.grad_uses == k * (n + 1)
+
+
+def test_memory_grows_with_grad_cycles_in_every_arm() -> None:
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 6, (8, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(1, 6, (8, 16), generator=torch.Generator().manual_seed(2))
+    kept: dict[str, list[int]] = {name: [] for name in train.ARMS}
+    for k in (1, 2, 3):
+        base = TRM(TRMConfig(vocab_size=6, seq_len=16, hidden_size=16, num_heads=2, n=2, T=3,
+                             grad_cycles=k, mixer="mlp_t"))
+        args = train.options(_args(seeds=[0]))
+        models, _ = train._build_arms(base, args, tokens)
+        for name, m in models.items():
+            kept[name].append(train._memory(m, tokens, labels)["activation_bytes"])
+    for name, xs in kept.items():
+        assert xs[0] < xs[1] < xs[2], f"{name}: {xs}"
 
 
 def test_run_without_laser_trains_only_the_baseline() -> None:
