@@ -8,8 +8,8 @@ of the same weights in one run with their timed steps interleaved (order alterna
 - uncompressed;
 - ``torch.utils.checkpoint`` (non-reentrant) per block call (around ``net``) and per layer
   (around each of ``net.blocks.i``);
-- laser_fx per block call (``compress(model)``, the default) and per layer
-  (``compress(model, sites=["net.blocks.0", "net.blocks.1"])``).
+- laser_fx per block call (``compress(model, config=LaserConfig(granularity="block"))``) and
+  per layer (``compress(model, sites=["net.blocks.0", "net.blocks.1"])``).
 
 For each: after-forward and peak activation memory (`laser_fx.measure_activation_memory`), step
 time (median of ``--reps`` interleaved steps after a warm-up round, with its IQR), the cosine of
@@ -171,13 +171,14 @@ def build_configs(w: Workload, layers: Sequence[str]) -> list[Arm]:
             _torch_checkpointed(m, path)
         return m
 
-    def laser(sites: Any) -> torch.nn.Module:
-        return laser_fx.compress(copy.deepcopy(w.model), sites, example_inputs=w.inputs)
+    def laser(sites: Any, config: laser_fx.LaserConfig | None = None) -> torch.nn.Module:
+        return laser_fx.compress(copy.deepcopy(w.model), sites, config=config,
+                                 example_inputs=w.inputs)
 
     return [Arm(UNC, w.model, False),
             Arm(TC_CALL, _torch_checkpointed(copy.deepcopy(w.model), w.shared_path), False),
             Arm(TC_LAYER, torch_layers(), False),
-            Arm(LX_CALL, laser("auto"), True),
+            Arm(LX_CALL, laser("auto", laser_fx.LaserConfig(granularity="block")), True),
             Arm(LX_LAYER, laser(list(layers)), True)]
 
 

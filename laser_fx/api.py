@@ -98,10 +98,12 @@ def _plan(found: Probe, model: nn.Module, spec: SiteSelector, exclude: SiteSelec
         else:
             cfg = config.for_site(s.name)
             mech = MECHANISMS["linear"] if s.param is not None else choose(s, cfg.mode)
-            if mech.name == "checkpoint" and s.block is None and cfg.granularity != "block":
+            if mech.name == "checkpoint" and s.block is None:
                 _split(plan, s, sites, config, cfg)
             else:
                 plan.chosen.append((s, mech, cfg))
+    for unit, _, _ in plan.chosen:  # a unit named explicitly too is compressed, not left alone
+        plan.skipped.pop(unit.name, None)
     if not plan.chosen:
         calls = {s.name: s.num_uses for s in sites}
         hint = ""

@@ -97,7 +97,7 @@ class LaserConfig:
     min_numel: int = 1024
     store_dtype: torch.dtype | None = None
     center: bool = True
-    granularity: str = "block"
+    granularity: str = "auto"
     target_cosine: float | None = None
     recalibrate_every: int | None = None
     # hash=False: a dict is unhashable; equal configs still hash equal without it

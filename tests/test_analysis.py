@@ -169,7 +169,11 @@ def test_analyze_trm_records_only_grad_enabled_uses(tmp_path):
     top = {s.key for s in an.sites if s.kind == "module" and sites[s.site].block is None}
     assert top == {"net[0]", "net[1]"}
     assert all(sites[s.site].block == "net" for s in an.sites if s.key not in top)
-    assert an.memory["net"]["dense_bytes"] > 0
+    # memory at the default config: granularity "auto" checkpoints `net` per layer, and those
+    # units are analyzed sites too (the site table shows what each saved)
+    assert set(an.memory) == {"net.blocks.0", "net.blocks.1"} <= {s.site for s in an.sites}
+    assert all(m["mechanism"] == "checkpoint" and m["dense_bytes"] > 0
+               for m in an.memory.values()), an.memory
     for k, v in model.state_dict().items():  # the analysis leaves the model as it was
         assert torch.equal(v, state[k]), k
     assert json.loads(json.dumps(an.to_dict())) == an.to_dict()

@@ -25,6 +25,10 @@ CASES = [(name, mode) for name in WEIGHT_SHARED for mode in MODES]
 AUTO = {"trm_attn": ("net", "checkpoint"), "trm_mlp_t": ("net", "checkpoint"),
         "looped_transformer": ("layers.0", "checkpoint"), "unrolled_rnn": ("cell", "checkpoint"),
         "recursive_conv": ("block", "checkpoint"), "grad_modes": ("lin", "linear")}
+# checkpoint at the default granularity "auto": the TRMs' `net` per layer (smaller estimated
+# peak); the other blocks stay whole
+SPLIT = {"trm_attn": ["net.blocks.0", "net.blocks.1"],
+         "trm_mlp_t": ["net.blocks.0", "net.blocks.1"]}
 
 
 def _loss(out):
@@ -48,8 +52,13 @@ def test_forward_equal_and_lossless_gradients(name, mode):
     )
     assert out is model and laser_fx.is_compressed(model)
     site, auto = AUTO[name]
-    (row,) = _sites(model)
-    assert (row["name"], row["mechanism"]) == (site, auto if mode == "auto" else mode)
+    mechanism = auto if mode == "auto" else mode
+    units = SPLIT.get(name, [site]) if mechanism == "checkpoint" else [site]
+    rows = _sites(model)
+    assert [(r["name"], r["mechanism"]) for r in rows] == [(u, mechanism) for u in units]
+    g = laser_fx.report(model).granularity
+    if units != [site]:
+        assert (g[site]["chosen"], g[site]["asked"], g[site]["units"]) == ("layer", "auto", units)
     params = [p for p in model.parameters() if p.requires_grad]
     ref_params = [p for p in ref.parameters() if p.requires_grad]
     for _ in range(2):  # the second step runs on warm trackers
@@ -57,7 +66,7 @@ def test_forward_equal_and_lossless_gradients(name, mode):
         for got, want in zip(_grads(model, inputs, params), _grads(ref, inputs, ref_params),
                              strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert _sites(model)[0]["calls"] == row["grad_uses"]
+    assert [r["calls"] for r in _sites(model)] == [r["grad_uses"] for r in rows]
 
 
 @pytest.mark.parametrize("name", WEIGHT_SHARED)
@@ -91,9 +100,10 @@ def test_no_grad_calls_do_no_tracker_work():
 
 # ------------------------------------------------------------------ selection
 # The TRM-like zoo model: `net` is the shared block (called 8 times, 4 with grad); every
-# module inside it is a nested site naming `net` as its block.
+# module inside it is a nested site naming `net` as its block. "auto" selects `net`, which
+# the default granularity "auto" checkpoints per layer.
 SELECTORS = [
-    ("auto", "auto", {"net"}),
+    ("auto", "auto", {"net.blocks.0", "net.blocks.1"}),
     ("names", ["net.blocks.0.mlp", "net.blocks.1.mix"], {"net.blocks.0.mlp", "net.blocks.1.mix"}),
     ("regex", r"net\.blocks\.\d\.mlp", {"net.blocks.0.mlp", "net.blocks.1.mlp"}),
     ("callable", lambda s: s.kind == "linear" and s.name.endswith(".o"),
@@ -110,12 +120,18 @@ def test_site_selectors(how, spec, want):
     for s in rows:  # the selected module, and only it, is swapped
         assert isinstance(model.get_submodule(s["name"]), laser_fx.SiteWrapper)
         assert s["mechanism"] == ("linear" if s["module_type"] == "Linear" else "checkpoint")
+    if how == "auto":  # the block `net` itself stays the user's module; the record says why
+        assert not isinstance(model.net, laser_fx.SiteWrapper)
+        assert laser_fx.report(model).granularity["net"]["units"] == sorted(want)
 
 
-def test_a_block_covers_the_sites_inside_it():
+@pytest.mark.parametrize(("granularity", "units"), [
+    ("block", ["net"]), ("auto", ["net.blocks.0", "net.blocks.1"])])
+def test_a_block_covers_the_sites_inside_it(granularity, units):
     model, inputs = ZOO["trm_attn"]()
-    laser_fx.compress(model, ["net", "net.blocks.0.mlp"], example_inputs=inputs)
-    assert [s["name"] for s in _sites(model)] == ["net"]
+    laser_fx.compress(model, ["net", "net.blocks.0.mlp"],
+                      config=LaserConfig(granularity=granularity), example_inputs=inputs)
+    assert [s["name"] for s in _sites(model)] == units
     assert laser_fx.report(model).skipped == {"net.blocks.0.mlp": "covered by block net"}
 
 

@@ -136,3 +136,23 @@ def test_property_auto_takes_the_smallest_estimate_and_the_estimates_add_up(bin_
 def test_bad_granularity_is_a_config_error():
     with pytest.raises(ConfigError, match="granularity"):
         LaserConfig(granularity="per-op")
+
+
+def test_a_unit_named_explicitly_is_reported_compressed_not_left_alone():
+    # regression: naming a block and a module inside it, with that module one of the units,
+    # listed it both as compressed and as "left alone: covered by block"
+    model, x = _trm()
+    laser_fx.compress(model, ["net", "net.blocks.0.mlp"],
+                      config=LaserConfig(granularity="sublayer"), example_inputs=x)
+    report = laser_fx.report(model)
+    assert [s["name"] for s in report.sites] == UNITS["sublayer"]
+    assert report.skipped == {}
+
+
+def test_the_record_says_what_was_chosen_at_every_granularity():
+    for granularity, chosen in (("block", "block"), ("layer", "layer"), ("auto", "layer")):
+        model, x = _trm()
+        laser_fx.compress(model, config=LaserConfig(granularity=granularity), example_inputs=x)
+        record = laser_fx.report(model).granularity["net"]
+        assert (record["asked"], record["chosen"]) == (granularity, chosen)
+        assert set(record["estimated_peak_bytes"]) == {"block", "layer", "sublayer"}

@@ -8,11 +8,11 @@ the same machine load. The arms:
 - ``checkpoint`` ("torch checkpoint"): a deep copy whose shared block ``net`` runs through
   ``torch.utils.checkpoint`` (non-reentrant) on every grad-enabled call: each call keeps
   its inputs and is re-run in backward (`TorchCheckpoint`).
-- ``laser`` ("laser_fx"): a deep copy compressed IN PLACE by
-  ``laser_fx.compress(twin, example_inputs=...)``: it stays a `TRM` (``initial_carry``, its
-  state dict keys, train/eval) whose ``net`` is swapped for a wrapper that keeps each call's
-  inputs in a tracked low-rank basis (or exactly, where they do not compress) and re-runs
-  the call in backward.
+- ``laser`` ("laser_fx"): a deep copy compressed IN PLACE by ``laser_fx.compress(twin,
+  config=LaserConfig(granularity="block"), example_inputs=...)``: it stays a `TRM`
+  (``initial_carry``, its state dict keys, train/eval) whose ``net`` is swapped for a wrapper
+  that keeps each call's inputs in a tracked low-rank basis (or exactly, where they do not
+  compress) and re-runs the call in backward: the same units as the torch checkpoint arm.
 
 With ``--deep-T`` a second, deeper setting is measured after training: the trained
 weights in a TRM whose gradient runs through more cycles (``--deep-grad-cycles``), a few
@@ -167,7 +167,9 @@ def options(args: argparse.Namespace | None = None) -> argparse.Namespace:
 
 def _laser_config(args: argparse.Namespace) -> laser_fx.LaserConfig:
     kw = {k: getattr(args, k) for k in ("energy", "rank", "fidelity", "mode")}
-    return laser_fx.LaserConfig(**{k: v for k, v in kw.items() if v is not None})
+    # per block call, like the torch checkpoint arm: not split into layers ("auto" would)
+    return laser_fx.LaserConfig(granularity="block",
+                                **{k: v for k, v in kw.items() if v is not None})
 
 
 def _lr_at(step: int, args: argparse.Namespace) -> float:

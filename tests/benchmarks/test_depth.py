@@ -45,6 +45,10 @@ def test_every_depth_measures_every_configuration(run):
             assert r["q25_ms"] <= r["step_ms"] <= r["q75_ms"]
         for name in depth.LASER:
             assert "storage" in rows[name] and rows[name]["storage"]["sites"], name
+        # the per-call arm checkpoints the block `net`, the per-layer arm each of its layers
+        assert [s["site"] for s in rows[depth.LX_CALL]["storage"]["sites"]] == ["net"]
+        assert [s["site"] for s in rows[depth.LX_LAYER]["storage"]["sites"]] == [
+            "net.blocks.0", "net.blocks.1"]
 
 
 def test_memory_grows_with_depth_and_checkpoints_flatten_it(run):
@@ -120,9 +124,11 @@ def _tiny_trm(**kw):
     return model, (x, *model.initial_carry(2))
 
 
+# granularity "block": one site, `net`, as in the benchmark's "laser_fx per call" arm
 @pytest.mark.parametrize(("config", "dense"), [
-    (laser_fx.LaserConfig(), False),
-    (laser_fx.LaserConfig(min_numel=10**9), True),  # every input kept as it is: rank 0
+    (laser_fx.LaserConfig(granularity="block"), False),
+    # every input kept as it is: rank 0
+    (laser_fx.LaserConfig(granularity="block", min_numel=10**9), True),
 ], ids=["default-low-rank", "stored-dense"])
 def test_laser_storage_flags_dense_inputs(config, dense):
     model, inputs = _tiny_trm()

@@ -3,8 +3,9 @@
 One small model per family is built per module and reused (module-scoped fixtures). Nothing
 is traced any more: `laser_fx.compress` runs the model once eagerly and swaps the shared layer
 in place, so each compression takes well under a second; the tests check that torch.export
-and fx are never called, that the shared layer is the compressed (block) site, and that the
-compressed model trains, evaluates and checkpoints as the user's own model.
+and fx are never called, that the shared layer is the compressed (block) site, checkpointed
+whole or per layer as `LaserConfig.granularity` chose, and that the compressed model trains,
+evaluates and checkpoints as the user's own model.
 """
 
 from __future__ import annotations
@@ -80,15 +81,19 @@ def _printed_ratio(text: str) -> float:
     return float(m.group(1))
 
 
-def _check_in_place(model: nn.Module, twin: nn.Module, block: str) -> None:
-    """The compressed twin is the user's model: same class, keys, parameters; one block swapped."""
+def _check_in_place(model: nn.Module, twin: nn.Module, block: str, units: list[str]) -> None:
+    """The compressed twin is the user's model: same class, keys, parameters; the checkpointed
+    units of ``block`` (the block itself, or its layers: `LaserConfig.granularity`) swapped."""
     assert type(twin) is type(model)
-    assert isinstance(twin.get_submodule(block), laser_fx.SiteWrapper)
+    for unit in units:
+        assert isinstance(twin.get_submodule(unit), laser_fx.SiteWrapper), unit
+    if units != [block]:  # split: the block itself stays the user's module
+        assert type(twin.get_submodule(block)) is type(model.get_submodule(block))
     assert list(twin.state_dict()) == list(model.state_dict())
     fresh = copy.deepcopy(model)
     fresh.load_state_dict(twin.state_dict(), strict=True)  # loads into the uncompressed model
     twin.load_state_dict(model.state_dict(), strict=True)  # and the other way round
-    assert [r["name"] for r in laser_fx.report(twin).sites] == [block]
+    assert sorted(r["name"] for r in laser_fx.report(twin).sites) == sorted(units)
 
 
 # ------------------------------------------------------------------------------- ALBERT
@@ -156,7 +161,8 @@ def test_albert_sites_every_shared_linear(albert_quick) -> None:
 
 def test_albert_compressed_in_place_keeps_class_and_state_dict(albert, albert_exact) -> None:
     mode, twin = albert_exact
-    _check_in_place(albert[0], twin, _ALBERT_BLOCK)
+    # auto: the layer level is the block's one layer, no smaller estimate: the block stays whole
+    _check_in_place(albert[0], twin, _ALBERT_BLOCK, [_ALBERT_BLOCK])
     assert laser_fx.report(twin).sites[0]["mechanism"] == ("linear" if mode == "linear"
                                                           else "checkpoint")
 
@@ -227,6 +233,8 @@ def test_albert_batch_is_padded_and_labelled_by_majority() -> None:
 
 _LOOPS = 3
 _QUICK_LOOPS = 3
+# the decoder layer's children: the units of granularity "layer"
+_LLAMA_LAYERS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
 
 @pytest.fixture(scope="module")
@@ -276,12 +284,23 @@ def test_looped_llama_sites_every_layer_linear(llama_quick) -> None:
         assert (s.num_uses, s.grad_uses) == (_QUICK_LOOPS, _QUICK_LOOPS), str(s)
         assert s.block == "layer"
     assert sites["layer"].kind == "module" and sites["layer"].num_uses == _QUICK_LOOPS
-    assert summary.compressed == {"layer": "checkpoint"}
+    # granularity "auto" (the default) checkpoints the decoder layer per layer: its children
+    assert summary.compressed == {f"layer.{n}": "checkpoint" for n in _LLAMA_LAYERS}
 
 
 def test_looped_llama_compressed_in_place(llama, llama_exact) -> None:
-    _, twin = llama_exact
-    _check_in_place(llama[0], twin, "layer")
+    mode, twin = llama_exact
+    if mode == "linear":  # the block's Linear layers routed inside one wrapper of the block
+        units = ["layer"]
+        assert laser_fx.report(twin).granularity == {}
+    else:  # granularity "auto": per layer has the smallest estimated peak
+        units = [f"layer.{n}" for n in _LLAMA_LAYERS]
+        g = laser_fx.report(twin).granularity["layer"]
+        assert (g["chosen"], g["asked"]) == ("layer", "auto")
+        assert sorted(g["units"]) == sorted(units)
+        est = g["estimated_peak_bytes"]
+        assert est["layer"] == min(est.values()) and set(est) == {"block", "layer", "sublayer"}
+    _check_in_place(llama[0], twin, "layer", units)
     assert twin.loops == _LOOPS and twin.layer.self_attn.layer_idx == 0  # attributes forwarded
 
 
@@ -308,7 +327,10 @@ def test_looped_llama_quick_main_trains_and_prints_memory_ratio(llama_quick) -> 
     printed = _printed_ratio(out)
     assert printed == pytest.approx(summary.memory_ratio, abs=1e-3)
     assert 0.0 < printed < 0.25
-    assert "LASER report:" in out and "layer  checkpoint" in out
+    assert "LASER report:" in out
+    for n in _LLAMA_LAYERS:
+        assert re.search(rf"^layer\.{n} +checkpoint ", out, re.M), n
+    assert "layer: checkpointed per layer (granularity 'auto'; " in out
     m = re.search(r"final training loss: baseline ([0-9.]+), LASER ([0-9.]+)", out)
     assert m is not None and abs(float(m.group(1)) - float(m.group(2))) < 0.05
 
@@ -333,8 +355,8 @@ def test_aliased_layer_list_is_a_site_and_trains_exactly() -> None:
     assert sites["model.layers.0"].num_uses == _LOOPS
     assert sites["model.layers.0.self_attn.q_proj"].num_uses == _LOOPS
     twin = copy.deepcopy(model)
-    with _no_tracing():
-        laser_fx.compress(twin, config=laser_fx.LaserConfig(energy=1.0),
+    with _no_tracing():  # granularity "block": the aliased layer itself is the wrapped unit
+        laser_fx.compress(twin, config=laser_fx.LaserConfig(energy=1.0, granularity="block"),
                           example_kwargs={"input_ids": ids})
     # every alias points at the one wrapper
     assert len({id(layer) for layer in twin.model.layers}) == 1

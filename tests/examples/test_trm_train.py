@@ -186,8 +186,14 @@ def test_run_without_laser_trains_only_the_baseline() -> None:
     assert set(r["arms"]) == {"baseline"} and "memory_ratio" not in r
 
 
-@pytest.mark.parametrize("mixer", ["mlp_t", "attn"])
-def test_compressed_twin_is_a_trm_with_the_same_forward_and_keys(mixer: str) -> None:
+# the default granularity "auto" splits `net` where that has the smaller estimated peak: per
+# sublayer (each layer's mix and mlp) for mlp_t, per layer for attn at this size
+@pytest.mark.parametrize(("mixer", "chosen", "units"), [
+    ("mlp_t", "sublayer", [f"net.blocks.{i}.{m}" for i in (0, 1) for m in ("mix", "mlp")]),
+    ("attn", "layer", ["net.blocks.0", "net.blocks.1"]),
+], ids=["mlp_t", "attn"])
+def test_compressed_twin_is_a_trm_with_the_same_forward_and_keys(mixer: str, chosen: str,
+                                                                  units: list[str]) -> None:
     torch.manual_seed(0)
     model = TRM(TRMConfig(vocab_size=6, seq_len=16, hidden_size=16, num_heads=2, n=2, T=2,
                           mixer=mixer))
@@ -195,8 +201,13 @@ def test_compressed_twin_is_a_trm_with_the_same_forward_and_keys(mixer: str) -> 
     y, z = model.initial_carry(8)
     twin = copy.deepcopy(model)
     assert laser_fx.compress(twin, example_inputs=(tokens, y, z)) is twin  # in place
-    assert isinstance(twin, TRM) and isinstance(twin.net, laser_fx.SiteWrapper)
-    assert [r["name"] for r in laser_fx.report(twin).sites] == ["net"]
+    assert isinstance(twin, TRM) and type(twin.net) is type(model.net)  # split, not wrapped
+    assert all(isinstance(twin.get_submodule(u), laser_fx.SiteWrapper) for u in units)
+    rep = laser_fx.report(twin)
+    assert [r["name"] for r in rep.sites] == units
+    g = rep.granularity["net"]
+    assert (g["chosen"], g["asked"], g["units"]) == (chosen, "auto", units)
+    assert g["estimated_peak_bytes"][chosen] == min(g["estimated_peak_bytes"].values())
     for got, want in zip(twin(tokens, y, z), model(tokens, y, z), strict=True):
         torch.testing.assert_close(got, want)
     yt, zt = twin.initial_carry(8)  # the training loop's own method still works
@@ -210,6 +221,7 @@ def test_compressed_twin_is_a_trm_with_the_same_forward_and_keys(mixer: str) -> 
     torch.testing.assert_close(predict(twin, tokens, 2)[0], predict(model, tokens, 2)[0])
     laser_fx.strip(twin)
     assert not laser_fx.is_compressed(twin) and isinstance(twin.net, type(model.net))
+    assert not any(isinstance(m, laser_fx.SiteWrapper) for m in twin.modules())  # every unit
 
 
 def test_tiny_training_reduces_the_loss() -> None:

@@ -38,16 +38,33 @@ def test_auto_picks_the_two_levels_not_the_inner_model():
     assert sites["model.inner.L_level"].block is None  # the inner model is no block
     laser_fx.compress(head, example_inputs=(carry, batch))
     rep = laser_fx.report(head).to_dict()
-    assert sorted(s["name"] for s in rep["sites"]) == LEVELS
-    assert not isinstance(head.model.inner, laser_fx.SiteWrapper)
+    # the levels are the blocks; granularity "auto" checkpoints each per layer (its one
+    # HRMBlock: the level's input injection outside it stores less than the level's inputs)
+    assert sorted(rep["granularity"]) == LEVELS
+    for level in LEVELS:
+        g = rep["granularity"][level]
+        assert (g["chosen"], g["units"]) == ("layer", [f"{level}.layers.0"]), g
+        assert g["estimated_peak_bytes"]["layer"] == min(g["estimated_peak_bytes"].values())
+    assert sorted(s["name"] for s in rep["sites"]) == [f"{n}.layers.0" for n in LEVELS]
+    assert not any(isinstance(m, laser_fx.SiteWrapper)
+                   for m in (head.model.inner, *(head.get_submodule(n) for n in LEVELS)))
     assert "once with grad" in rep["skipped"]["model.inner"]
 
 
-def test_one_level_by_name_is_accepted():
+@pytest.mark.parametrize("granularity", ["auto", "block"])
+def test_one_level_by_name_is_accepted(granularity):
     head, batch, carry = _setup()
-    laser_fx.compress(head, ["model.inner.L_level"], example_inputs=(carry, batch))
-    assert isinstance(head.model.inner.L_level, laser_fx.SiteWrapper)
-    assert not isinstance(head.model.inner.H_level, laser_fx.SiteWrapper)
+    laser_fx.compress(head, ["model.inner.L_level"], config=LaserConfig(granularity=granularity),
+                      example_inputs=(carry, batch))
+    rep = laser_fx.report(head)
+    if granularity == "block":  # the named level itself is the wrapped unit
+        assert isinstance(head.model.inner.L_level, laser_fx.SiteWrapper)
+        assert [s["name"] for s in rep.sites] == ["model.inner.L_level"]
+    else:  # the named level is the one block, checkpointed per layer as "auto" chose
+        assert list(rep.granularity) == ["model.inner.L_level"]
+        assert [s["name"] for s in rep.sites] == rep.granularity["model.inner.L_level"]["units"]
+        assert isinstance(head.model.inner.L_level.layers[0], laser_fx.SiteWrapper)
+    assert not any(isinstance(m, laser_fx.SiteWrapper) for m in head.model.inner.H_level.modules())
 
 
 def test_detached_carry_stays_detached_over_two_training_steps():

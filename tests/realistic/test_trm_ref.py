@@ -59,7 +59,12 @@ def test_compress_with_the_training_loop_call_is_fast_and_keeps_the_model():
     took = time.perf_counter() - t0
     assert took <= 2.0, f"compress took {took:.2f} s on the D=64 TRM (limit 2 s)"
     assert out is head and type(head) is ACTLossHead and type(head.model) is TRM
-    assert isinstance(head.model.inner.L_level, laser_fx.SiteWrapper)
+    # granularity "auto": the shared ReasoningModule is checkpointed per layer (its 2 blocks)
+    layers = ["model.inner.L_level.layers.0", "model.inner.L_level.layers.1"]
+    g = laser_fx.report(head).granularity["model.inner.L_level"]
+    assert (g["chosen"], g["asked"], g["units"]) == ("layer", "auto", layers), g
+    assert g["estimated_peak_bytes"]["layer"] == min(g["estimated_peak_bytes"].values())
+    assert all(isinstance(head.get_submodule(n), laser_fx.SiteWrapper) for n in layers)
     # the reference training loop: carry = model.initial_carry(batch); model(carry, batch)
     carry = head.initial_carry(batch)
     assert isinstance(carry, ACTCarry)
@@ -69,7 +74,7 @@ def test_compress_with_the_training_loop_call_is_fast_and_keeps_the_model():
     assert int(metrics["steps"]) == cfg.batch_size
     assert head.model.inner.L_level.layers[0].self_attn.qkv_proj.weight.grad is not None
     names = [s["name"] for s in laser_fx.report(head).to_dict()["sites"]]
-    assert names == ["model.inner.L_level"], names
+    assert names == layers, names
 
 
 def test_find_sites_sees_the_reasoning_module_and_casted_linears():
