@@ -11,12 +11,13 @@ Example::
 from __future__ import annotations
 
 from .analysis import Analysis, analyze
-from .api import Report, VerifyError, compress, is_compressed, report, strip
+from .api import VerifyError, compress, is_compressed, strip
 from .calibration import Calibration, calibrate
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError, TraceError
 from .memory import ActivationMemory, measure_activation_memory
 from .probe import find_sites
+from .report import Report, report
 from .sites import Site, Use
 from .tracing import annotate, trace
 from .tracker import Packed, StorageStats, SubspaceTracker

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from ._isolated import cuda_devices, isolated
 from .errors import ConfigError
+from .report import compressed_sites
 from .wrapper import _StepHook
 
 __all__ = ["DEFAULT_ENERGIES", "Calibration", "SiteCalibration", "calibrate"]
@@ -148,9 +149,7 @@ def calibrate(
         laser_fx.compress(model, example_inputs=(x,))
         print(laser_fx.calibrate(model, (x_small,), loss_fn=lambda out: crit(out, y_small)))
     """
-    from .api import _wrappers  # api imports this module's users; import when called
-
-    stores = _wrappers(model) if isinstance(model, nn.Module) else []
+    stores = compressed_sites(model) if isinstance(model, nn.Module) else []
     if not stores:
         raise ConfigError("calibrate expects a model compressed by laser_fx.compress.")
     ladder = sorted(float(e) for e in energies)

@@ -105,7 +105,8 @@ def memory_by_site(
         site name -> ``mechanism``, ``rank``, ``stored_bytes``, ``dense_bytes``, ``saved``
         (1 - stored/dense, None when nothing was stored).
     """
-    from ..api import compress, report, strip  # api imports the package; import when called
+    from ..api import compress, strip  # api imports the package; import when called
+    from ..report import report
 
     args, kwargs = _as_tuple(inputs), dict(example_kwargs or {})
     cmodel = compress(model, config=config, example_inputs=args, example_kwargs=kwargs or None)
