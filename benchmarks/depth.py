@@ -158,13 +158,16 @@ def _workload(a: argparse.Namespace, mixer: str, grad_cycles: int) -> tuple[Work
                "calls": grad_cycles * (cfg.n + 1), "layers": cfg.num_blocks}
 
 
-def build_configs(w: Workload, layers: Sequence[str]) -> list[Arm]:
+def build_configs(w: Workload, layers: Sequence[str],
+                  config: laser_fx.LaserConfig | None = None) -> list[Arm]:
     """The five configurations of ``w.model``: the model itself, then changed deep copies.
 
     Args:
         w: the workload (its shared block is ``w.shared_path``).
         layers: module paths of the block's layers (``net.blocks.0`` ...): the per-layer units.
+        config: the laser_fx arms' config (default ``LaserConfig()``; granularity is set per arm).
     """
+    config = config or laser_fx.LaserConfig()
     def torch_layers() -> torch.nn.Module:
         m = copy.deepcopy(w.model)
         for path in layers:
@@ -178,8 +181,8 @@ def build_configs(w: Workload, layers: Sequence[str]) -> list[Arm]:
     return [Arm(UNC, w.model, False),
             Arm(TC_CALL, _torch_checkpointed(copy.deepcopy(w.model), w.shared_path), False),
             Arm(TC_LAYER, torch_layers(), False),
-            Arm(LX_CALL, laser("auto", laser_fx.LaserConfig(granularity="block")), True),
-            Arm(LX_LAYER, laser(list(layers)), True)]
+            Arm(LX_CALL, laser("auto", dataclasses.replace(config, granularity="block")), True),
+            Arm(LX_LAYER, laser(list(layers), config), True)]
 
 
 def laser_storage(module: torch.nn.Module) -> dict[str, Any]:
@@ -217,7 +220,10 @@ def laser_storage(module: torch.nn.Module) -> dict[str, Any]:
 
 def _measure_depth(a: argparse.Namespace, mixer: str, grad_cycles: int) -> dict[str, Any]:
     w, shape = _workload(a, mixer, grad_cycles)
-    arms = build_configs(w, [f"{w.shared_path}.blocks.{i}" for i in range(shape["layers"])])
+    kw = {k: v for k, v in (("energy", a.energy), ("target_cosine", a.target_cosine))
+          if v is not None}
+    arms = build_configs(w, [f"{w.shared_path}.blocks.{i}" for i in range(shape["layers"])],
+                         laser_fx.LaserConfig(**kw))
     rows = measure_arms(w, arms, reps=a.reps, device="cpu", tracker_reps=0)
     for arm, row in zip(arms, rows, strict=True):
         if arm.laser:
@@ -455,6 +461,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-mib", type=float, default=40.0,
                    help="peak-memory budget (default: between torch checkpoint's and laser_fx's "
                         "peak at the largest default depth)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="laser_fx arms: LaserConfig energy (default: the library's)")
+    p.add_argument("--target-cosine", type=float, default=None,
+                   help="laser_fx arms: calibrate each slot's energy for this gradient cosine "
+                        "at compress (LaserConfig.target_cosine, on the example batch)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/depth.md", help="markdown ('' : none)")

@@ -32,6 +32,8 @@ Usage::
     python examples/trm/train.py --arms baseline laser ...   # what experiment.py runs
 
 ``run(args)`` is the entry point the experiment uses; it returns the JSON-ready dict.
+The printed summary, the results files and the plot are `examples.trm.summary`'s
+(`summarize` stays importable from here).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import platform
 import statistics
@@ -59,13 +60,13 @@ from tqdm import tqdm
 import laser_fx
 from examples.trm.data import iterate_batches, make_dataset, seq_len, vocab_size
 from examples.trm.model import TRM, TRMConfig
+from examples.trm.summary import ratios, summarize, write_results
 from examples.trm.training import EMA, DeepSupervision, evaluate, trm_loss
 
 __all__ = ["ARMS", "QUICK", "TorchCheckpoint", "build_parser", "main", "options", "run",
            "summarize", "torch_checkpointed"]
 
 ARMS = ("baseline", "checkpoint", "laser")
-LABELS = {"baseline": "uncompressed", "checkpoint": "torch checkpoint", "laser": "laser_fx"}
 _SKIP_TIMING = 3  # first steps of each arm left out of the median step time (warm-up)
 _RESULTS = Path(__file__).resolve().parents[2] / "results"
 
@@ -338,15 +339,6 @@ def _stored_ranks(model: nn.Module) -> dict[str, dict[str, list[int]]]:
             for m in model.modules() if isinstance(m, laser_fx.SiteWrapper)}
 
 
-def _ratios(arms: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, float] | None:
-    if num not in arms or den not in arms:
-        return None
-    a, b = arms[num], arms[den]
-    return {"activation": a["activation_bytes"] / max(b["activation_bytes"], 1),
-            "peak": a["peak_bytes"] / max(b["peak_bytes"], 1),
-            "step_time": a["step_time_median_s"] / b["step_time_median_s"]}
-
-
 def _save_model(arm: _Arm, cfg: TRMConfig, args, seed: int) -> Path:
     """Write the arm's trained weights, EMA weights and model config (loadable on CPU)."""
     path = args.save_models / f"{args.task}{args.size}_seed{seed}_{arm.name}.pt"
@@ -411,7 +403,7 @@ def _deeper(trained: TRM, args, seed: int, data, probe, log) -> dict[str, Any]:
         out["laser_ranks"] = _stored_ranks(models["laser"])
         out["compress_seconds"] = compress_s
         log(f"LASER per-site report (seed {seed}, deeper setting):\n{report}\n")
-    out["vs_checkpoint"] = _ratios(out["arms"], "laser", "checkpoint")
+    out["vs_checkpoint"] = ratios(out["arms"], "laser", "checkpoint")
     return out
 
 
@@ -470,7 +462,7 @@ def _train_seed(seed: int, args, data, test, log) -> dict[str, Any]:
                                   / max(arms["baseline"]["activation_bytes"], 1))
         result["step_time_ratio"] = (arms["laser"]["step_time_median_s"]
                                      / arms["baseline"]["step_time_median_s"])
-    result["vs_checkpoint"] = _ratios(arms, "laser", "checkpoint")
+    result["vs_checkpoint"] = ratios(arms, "laser", "checkpoint")
     if args.deep_T:
         # the uncompressed weights: every arm's state dict has the plain model's keys
         trained = next(iter(models.values()))
@@ -520,156 +512,6 @@ def run(args: argparse.Namespace | None = None, log=print) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------ summary
-def _fmt_mib(b: float) -> str:
-    return f"{b / 2**20:.1f} MiB"
-
-
-def _setting_line(s: dict[str, int]) -> str:
-    through = "the last cycle" if s["grad_cycles"] == 1 else (
-        f"all {s['T']} cycles" if s["grad_cycles"] == s["T"] else
-        f"the last {s['grad_cycles']} cycles")
-    return (f"n={s['n']}, T={s['T']}, gradient through {through}:"
-            f" {s['grad_calls']} grad-enabled block calls")
-
-
-def _laser_line(block: dict[str, Any], config: dict[str, Any]) -> str:
-    """What the LASER arm stored: its ranks, or why it stored the block inputs exactly."""
-    t = block["laser_report"]["totals"]
-    kept = (f"; kept {_fmt_mib(t['stored_bytes'])} for backward where the same calls keep"
-            f" {_fmt_mib(t['dense_bytes'])} uncompressed ({t['ratio']:.3f}x)"
-            if t["ratio"] is not None else "")
-    slots = block["laser_ranks"]
-    if any(rank > 0 for site in slots.values() for _, rank in site.values()):
-        ranks = "; ".join(
-            f"{name} inputs: rank {', '.join(str(r) for _, r in site.values())} of width"
-            f" {'/'.join(sorted({str(w) for w, _ in site.values()}))}"
-            for name, site in slots.items())
-        return f"laser_fx stores low-rank bases ({ranks}){kept}"
-    if config.get("rank") is not None:
-        why = f"at rank {config['rank']} the coefficients would not be smaller than the inputs"
-    else:
-        energy = config.get("energy") or laser_fx.LaserConfig().energy
-        why = f"at energy {energy} they need more than 3/4 of the width"
-    return (f"laser_fx stores these block inputs exactly (rank 0): {why}; it equals torch"
-            f" checkpoint here{kept}")
-
-
-def _table(arms: dict[str, dict[str, Any]], trained: bool) -> list[str]:
-    lines = [f"    {'arm':<17} {'act. memory':>11} {'peak':>10} {'step':>7}"
-             + (f" {'exact/token':>13}" if trained else "")]
-    for name, a in arms.items():
-        acc = ""
-        if trained:
-            raw = a["eval"]["raw"]
-            acc = f"{raw['exact_acc']:.1%}/{raw['token_acc']:.1%}"
-        lines.append(f"    {LABELS[name]:<17} {_fmt_mib(a['activation_bytes']):>11}"
-                     f" {_fmt_mib(a['peak_bytes']):>10} {a['step_time_median_s'] * 1e3:>5.0f}ms"
-                     f" {acc:>13}".rstrip())
-    return lines
-
-
-def _vs_lines(block: dict[str, Any]) -> list[str]:
-    lines = []
-    arms = block["arms"]
-    for name in ("checkpoint", "laser"):
-        r = _ratios(arms, name, "baseline")
-        if r is not None:
-            lines.append(f"    {LABELS[name]} / uncompressed: activation memory"
-                         f" {r['activation']:.3f}x, peak {r['peak']:.2f}x,"
-                         f" step time {r['step_time']:.2f}x")
-    r = block.get("vs_checkpoint")
-    if r is not None:
-        lines.append(f"    laser_fx / torch checkpoint: activation memory {r['activation']:.2f}x,"
-                     f" peak {r['peak']:.2f}x, step time {r['step_time']:.2f}x")
-    return lines
-
-
-def summarize(result: dict[str, Any]) -> str:
-    """A readable summary of `run`'s result: per seed, one block of rows per setting."""
-    c = result["config"]
-    lines = [
-        f"TRM {c['task']} {c['size']}x{c['size']}, mixer {c['mixer']}, D={c['d']}, batch"
-        f" {c['batch']}, ACT max {c['max_sup_steps']}; arms from the same initial weights, same"
-        " batches, steps interleaved",
-        "memory: one training step on the same batch (act. memory: kept for backward after"
-        " the forward; peak: over forward and backward); step: median step time;"
-        f" accuracy on {c['n_test']} held-out puzzles, raw weights",
-    ]
-    for r in result["runs"]:
-        lines.append(f"seed {r['seed']}:")
-        lines.append(f"  {_setting_line(r['setting'])}; trained {r['steps_done']} steps in"
-                     f" {r['train_seconds']:.0f} s")
-        lines += _table(r["arms"], trained=True)
-        lines += _vs_lines(r)
-        if "laser_report" in r:
-            lines.append(f"    {_laser_line(r, c)}")
-            lines.append(f"    laser_fx.compress (in place: probe run, swap, one check run):"
-                         f" {r['compress_seconds']:.2f} s")
-        deep = r.get("deeper")
-        if deep is not None:
-            lines.append(f"  deeper: {_setting_line(deep['setting'])}; the trained weights,"
-                         f" {deep['steps']} lockstep steps measured (not trained, no accuracy)")
-            lines += _table(deep["arms"], trained=False)
-            lines += _vs_lines(deep)
-            if "laser_report" in deep:
-                lines.append(f"    {_laser_line(deep, c)}")
-    if "run_seconds" in result:
-        lines.append(f"whole run (data, training, evaluation, measurements):"
-                     f" {result['run_seconds']:.0f} s")
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: Path) -> Path:
-    """Bar chart of after-forward and peak memory per arm and setting (first seed); ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = result["runs"][0]
-    blocks = [(r["setting"], r["arms"])]
-    if "deeper" in r:
-        blocks.append((r["deeper"]["setting"], r["deeper"]["arms"]))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = list(r["arms"])
-    width = 0.8 / len(names)
-    for ax, key, title in zip(axes, ("activation_bytes", "peak_bytes"),
-                              ("kept for backward after the forward", "peak over the step"),
-                              strict=True):
-        for i, name in enumerate(names):
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(blocks))]
-            ys = [arms[name][key] / 2**20 for _, arms in blocks]
-            bars = ax.bar(xs, ys, width, label=LABELS[name])
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(range(len(blocks)),
-                      [f"{s['grad_calls']} grad calls\n(n={s['n']}, T={s['T']}, grad"
-                       f" {s['grad_cycles']})" for s, _ in blocks])
-        ax.set(title=title, ylabel="MiB (log scale)", yscale="log")
-        ax.legend()
-    c = result["config"]
-    fig.suptitle(f"TRM {c['task']} {c['size']}x{c['size']}, {c['mixer']}, D={c['d']},"
-                 f" batch {c['batch']}: one training step")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _write(result: dict[str, Any], text: str, out: Path, argv: list[str]) -> list[Path]:
-    """The JSON, the summary (.md, with the command and the plot) and the plot (.png)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    png = plot(result, out.with_suffix(".png"))
-    md = out.with_suffix(".md")
-    command = " ".join(["python examples/trm/train.py", *argv])
-    md.write_text(f"# TRM: uncompressed, torch checkpoint and laser_fx\n\nCommand: `{command}`"
-                  f" (torch {result['torch']}, {result['device_name']}).\n\n```\n{text}\n```\n\n"
-                  f"![memory per arm and setting]({png.name})\n")
-    return [out, md, png]
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: train, print the summary, write `--out` (and its .md and .png)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -679,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = result["config"]["out"]
     if out is not None:
-        written = _write(result, text, Path(out), argv)
+        written = write_results(result, text, Path(out), argv)
         print("wrote " + ", ".join(map(str, written)))
     return 0 if all(math.isfinite(a["loss_last"]) for r in result["runs"]
                     for a in r["arms"].values()) else 1

@@ -1,4 +1,4 @@
-"""Tests for examples/trm/train.py and experiment.py: runs, JSON fields, statistics, resume."""
+"""Tests for examples/trm/train.py, summary.py, experiment.py: runs, JSON, statistics, resume."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import laser_fx
-from examples.trm import experiment, train
+from examples.trm import experiment, summary, train
 from examples.trm.model import TRM, TRMConfig
 from examples.trm.training import predict
 
@@ -105,7 +105,7 @@ def test_summary_shows_three_arms_both_settings_and_what_laser_stored(three_arms
 def test_laser_line_gives_the_ranks_or_says_why_it_stores_exactly(ranks, config, expected):
     block = {"laser_ranks": ranks, "laser_report": {"totals": {
         "stored_bytes": 2**20, "dense_bytes": 2**24, "ratio": 2**-4}}}
-    line = train._laser_line(block, config)
+    line = summary._laser_line(block, config)
     assert expected in line and "(0.062x)" in line
 
 
