@@ -3,13 +3,16 @@
 How concentrated a site's activations are varies sharply from site to site (the LASER
 paper's finding), so one global ``energy`` is either wasteful or risky. `calibrate` measures
 instead: on a micro-batch small enough to run uncompressed, it computes the exact gradient
-(every compressed site bypassed), then for each site alone the lowest energy of a ladder whose
-gradient stays within that site's share of the error budget, then checks all sites together
-and raises the energy of the worst site until the target holds. Every evaluation is one
-forward and backward on the micro-batch, isolated (buffers, RNG and ``.grad`` untouched).
+(every compressed site bypassed), then for each tracker slot alone (an input of a checkpointed
+call, a saved tensor of a region, a parameter of a linear site) the lowest energy of a ladder
+whose gradient stays within that slot's share of the error budget, then checks all slots
+together and raises the energy of the worst one until the target holds. Every evaluation is
+one forward and backward on the micro-batch, isolated (buffers, RNG and ``.grad`` untouched).
 
-Error budget: for small errors ``1 - cos ≈ ||δ||² / (2 ||g||²)`` and independent sites' errors
-add in squared norm, so each of ``n`` sites gets ``(1 - target) / n``.
+Error budget: for small errors ``1 - cos ≈ ||δ||² / (2 ||g||²)`` and independent slots' errors
+add in squared norm, so each of ``n`` slots gets ``(1 - target) / n``. The micro-batch stands
+for the batches that follow: a target met on it is approximate on others
+(results/calibration.md measures by how much).
 """
 
 from __future__ import annotations
