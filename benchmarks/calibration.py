@@ -39,6 +39,7 @@ from examples.trm.data import iterate_batches, make_dataset, seq_len, vocab_size
 from examples.trm.model import TRM, TRMConfig
 from examples.trm.training import trm_loss
 from laser_fx.calibration import DEFAULT_ENERGIES
+from laser_fx.report import compressed_sites
 
 TASKS = {
     "sudoku": {"task": "sudoku", "size": 6, "mixer": "mlp_t", "lr": 2e-3},
@@ -68,11 +69,16 @@ def _grad(model: torch.nn.Module, batch) -> torch.Tensor:
                       for p, g in zip(params, grads, strict=True)])
 
 
-def _measure(model: torch.nn.Module, base: torch.nn.Module, held_out) -> dict[str, float]:
+def _measure(model: torch.nn.Module, base: torch.nn.Module, held_out,
+             fresh: bool = False) -> dict[str, float]:
     """Min gradient cosine to ``base``'s exact gradient over the held-out batches, and the
-    mean bytes ``model``'s compressed calls keep per batch."""
+    mean bytes ``model``'s compressed calls keep per batch (``fresh``: trackers reset before
+    each batch, as `laser_fx.calibrate` measures)."""
     cos, kept = [], []
     for batch in held_out:
+        if fresh:
+            for site in compressed_sites(model):
+                site.reset()
         cos.append(F.cosine_similarity(_grad(model, batch), _grad(base, batch), dim=0).item())
         kept.append(laser_fx.report(model).totals()["stored_bytes"])
     return {"cosine": min(cos), "stored_bytes": sum(kept) / len(kept)}
@@ -87,7 +93,7 @@ def _compressed(base: torch.nn.Module, example, **config: Any) -> torch.nn.Modul
 
 
 def point(base: torch.nn.Module, micro, held_out, target: float,
-          calibrate_for: float | None = None) -> dict[str, Any]:
+          calibrate_for: float | None = None, fresh: bool = False) -> dict[str, Any]:
     """Calibrated vs the smallest single energy meeting ``target``, at ``base``'s weights;
     ``calibrate_for``: a stricter cosine to calibrate for (a safety margin), default ``target``."""
     cal = _compressed(base, micro)
@@ -99,11 +105,11 @@ def point(base: torch.nn.Module, micro, held_out, target: float,
     row: dict[str, Any] = {
         "energies": {s.name: s.energies for s in result.sites},
         "calibration_cosine": result.cosine, "calibration_seconds": seconds,
-        "calibrated": _measure(cal, base, held_out),
+        "calibrated": _measure(cal, base, held_out, fresh),
     }
     for e in DEFAULT_ENERGIES:
         m = _compressed(base, micro, energy=e)
-        got = _measure(m, base, held_out)
+        got = _measure(m, base, held_out, fresh)
         if got["cosine"] >= target or e == DEFAULT_ENERGIES[-1]:
             row["single"] = {"energy": e, **got}
             break
@@ -129,7 +135,9 @@ def run(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
                     micro = (micro[0][: args.micro], micro[1][: args.micro])
                     row = {"task": name, "d": d, "step": step, "target": args.target,
                            "calibrated_for": args.calibrate_for or args.target,
-                           **point(base, micro, held_out, args.target, args.calibrate_for)}
+                           "fresh_trackers": args.fresh_trackers,
+                           **point(base, micro, held_out, args.target, args.calibrate_for,
+                                   args.fresh_trackers)}
                     rows.append(row)
                     log(_fmt(row))
                     if args.out:
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--target", type=float, default=0.9995, help="gradient cosine to meet")
     p.add_argument("--calibrate-for", type=float, default=None,
                    help="cosine to calibrate for (a margin above --target); default --target")
+    p.add_argument("--fresh-trackers", action="store_true",
+                   help="reset the trackers before each held-out batch (as calibrate measures)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--micro", type=int, default=8, help="calibration micro-batch")
     p.add_argument("--held-out", type=int, default=3, help="held-out batches per point")
