@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import re
 from collections.abc import Mapping, Sequence
@@ -11,13 +10,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .calibration import calibrate
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError
 from .granularity import plan_granularity
 from .mechanisms import MECHANISMS, Mechanism, choose
+from .ops.checkpoint import walk_tensors
 from .param_site import ParamSite, param_sites_of
 from .probe import Probe, _as_tuple, probe, run_model
 from .report import _GRANULARITY, _SKIPPED, compressed_sites
@@ -150,24 +149,10 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> int:
     return done
 
 
-def _tensors_of(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    if depth > 6:
-        return []
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj)
-                for t in _tensors_of(getattr(obj, f.name, None), depth + 1)]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors_of(v, depth + 1)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors_of(v, depth + 1)]
-    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
-
-
 def _verify(model: nn.Module, want: Any, args: tuple, kwargs: dict) -> None:
     got = run_model(model, args, kwargs)
-    a, b = _tensors_of(want), _tensors_of(got)
+    a = [t for _, t in walk_tensors(want)]
+    b = [t for _, t in walk_tensors(got)]
     if len(a) != len(b):
         raise VerifyError(
             f"The compressed {type(model).__name__} returned {len(b)} tensors where the original "

@@ -272,14 +272,14 @@ def _sites_from(rec: _Recorder, names: dict[int, str], outputs: Any) -> Probe:
                           conv_widths=tuple(sorted(conv_widths)),
                           parent=parent_of(mid) if block is not None else None))
         modules[name] = module
-    for site, owner in _param_sites(rec, names, top, outer_of):
+    for site, owner in _param_sites(rec, names, grad_calls, top, outer_of):
         sites.append(site)
         modules[site.name] = owner
     one_grad = [names[mid] for mid in shared if grad_calls[mid] == 1]
     return Probe(sites, outputs, one_grad, modules)
 
 
-def _param_sites(rec: _Recorder, names: dict[int, str], top,
+def _param_sites(rec: _Recorder, names: dict[int, str], grad_calls: dict[int, int], top,
                  outer_of) -> list[tuple[Site, nn.Module]]:
     """Parameters that one call of a module applies 2+ times (``X @ W`` in a Python loop)."""
     found: dict[str, list[tuple[_Call, tuple]]] = {}
@@ -292,9 +292,9 @@ def _param_sites(rec: _Recorder, names: dict[int, str], top,
     for param, entries in found.items():
         call = entries[0][0]
         mid = id(call.module)
-        block = mid if grad_calls_of(rec, mid) >= 2 else outer_of.get(mid)
+        block = mid if grad_calls.get(mid, 0) >= 2 else outer_of.get(mid)
         if block is None:
-            block = next((o for o in call.enclosing if grad_calls_of(rec, o) >= 2
+            block = next((o for o in call.enclosing if grad_calls.get(o, 0) >= 2
                           and o in names), None)
         uses = tuple(
             Use(step=i, node=f"{param}@{i}", grad_enabled=op[0], call_index=i, shape=op[1])
@@ -306,10 +306,6 @@ def _param_sites(rec: _Recorder, names: dict[int, str], top,
                            block=names[top(block)] if block is not None else None,
                            module_type=type(call.module).__name__), call.module))
     return sites
-
-
-def grad_calls_of(rec: _Recorder, mid: int) -> int:
-    return sum(c.grad for c in rec.calls.get(mid, ()))
 
 
 def find_sites(

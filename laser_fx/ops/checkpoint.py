@@ -74,31 +74,34 @@ def _is_weight(t: torch.Tensor) -> bool:
     return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
 
 
-def hidden_grad_tensors(obj: Any, path: str = "", depth: int = 0) -> list[str]:
-    """Paths of tensors requiring grad inside objects pytree does not open (dataclasses, a
-    cache object's attributes).
+def walk_tensors(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor inside ``obj``: in lists, tuples, mappings,
+    dataclasses and the attributes of plain objects (a cache object), 6 levels deep."""
+    if depth > 6:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from walk_tensors(getattr(obj, f.name, None), f"{path}.{f.name}", depth + 1)
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from walk_tensors(v, f"{path}[{k!r}]", depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from walk_tensors(v, f"{path}[{i}]", depth + 1)
+    elif not isinstance(obj, (type, nn.Module)) and isinstance(getattr(obj, "__dict__", None), dict):
+        for k, v in vars(obj).items():
+            yield from walk_tensors(v, f"{path}.{k}", depth + 1)
+
+
+def hidden_grad_tensors(obj: Any) -> list[str]:
+    """Paths of tensors requiring grad inside ``obj``, an argument pytree does not open.
 
     A compressed checkpoint sees only the tensors pytree flattens out of its arguments; a
     tensor that requires grad inside another container would lose its gradient silently.
     """
-    if depth > 4:
-        return []
-    if isinstance(obj, torch.Tensor):
-        return [path] if obj.requires_grad else []
-    found: list[str] = []
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            found += hidden_grad_tensors(getattr(obj, f.name, None), f"{path}.{f.name}", depth + 1)
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            found += hidden_grad_tensors(v, f"{path}[{k!r}]", depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            found += hidden_grad_tensors(v, f"{path}[{i}]", depth + 1)
-    elif not isinstance(obj, (type, nn.Module)) and isinstance(getattr(obj, "__dict__", None), dict):
-        for k, v in vars(obj).items():  # e.g. a key/value cache object passed to a layer
-            found += hidden_grad_tensors(v, f"{path}.{k}", depth + 1)
-    return found
+    return [p for p, t in walk_tensors(obj) if t.requires_grad]
 
 
 def _undeclared_leaves(roots: Sequence[torch.Tensor], allowed: set[int]) -> list[torch.Tensor]:
