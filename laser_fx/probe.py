@@ -32,6 +32,7 @@ from ._isolated import cuda_devices, isolated
 from ._weights import WeightOrigins
 from .errors import ConfigError
 from .sites import Site, Use
+from .tracker import is_weight
 
 __all__ = ["Probe", "find_sites", "probe", "run_model"]
 
@@ -122,8 +123,7 @@ class _Recorder(TorchFunctionMode):
 
     # ---------------------------------------------------------------- saved tensors
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = t if t._base is None else t._base  # w.t() saved by linear: not an activation
-        if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
+        if is_weight(t):  # w.t() saved by linear is no activation
             return t
         storage = t.untyped_storage()
         key = id(storage)

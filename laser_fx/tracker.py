@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import LaserConfig
 from .errors import ConfigError
 
-__all__ = ["Packed", "StorageStats", "SubspaceTracker"]
+__all__ = ["Packed", "StorageStats", "SubspaceTracker", "is_weight"]
 
 #: exact SVD below this many rows or columns; randomized subspace iteration above.
 _EXACT_MAX = 256
@@ -451,6 +451,13 @@ def _nbytes(obj: object) -> int:
     return int(getattr(obj, "nbytes", 0) or 0)
 
 
+def is_weight(t: Tensor) -> bool:
+    """A parameter, a leaf requiring grad, or a view of one (``w.t()`` saved by ``linear``):
+    what autograd saves of it is no activation, and no mechanism stores or counts it."""
+    base = t if t._base is None else t._base
+    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
+
+
 @dataclass
 class StorageStats:
     """Byte accounting of what compressed calls kept for backward (one training step).
@@ -501,7 +508,7 @@ class StorageStats:
 
     def add_passthrough(self, t: Tensor) -> None:
         """Record a saved tensor kept as it is (parameters are not activations: skipped)."""
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+        if is_weight(t):
             return
         self.seen_bytes += _nbytes(t)
         self.passthrough_bytes += _nbytes(t)

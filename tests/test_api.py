@@ -271,3 +271,30 @@ def test_training_smoke_default_laser_matches_loss():
         finals[arm] = loss.item()
     assert finals["base"] < 2.0, finals  # the task was learned at all
     assert abs(finals["laser"] - finals["base"]) <= 0.10 * finals["base"], finals
+
+
+def test_report_bytes_are_the_activations_the_calls_save_not_the_weights():
+    # the uncompressed bytes of a site are what its calls save of activations: Linear(16, w)
+    # saves its (64, 16) input, Linear(w, 16) its (64, w) input; the weights (or the w.t()
+    # views a linear may save) are not activations and do not count
+    class Loop(nn.Module):
+        def __init__(self, out: int) -> None:
+            super().__init__()
+            self.lin = nn.Sequential(nn.Linear(16, out), nn.Linear(out, 16))
+
+        def forward(self, x):
+            for _ in range(3):
+                x = torch.tanh(self.lin(x))
+            return x
+
+    x = torch.randn(64, 16)
+    for mode in ("region", "linear", "checkpoint"):
+        for width in (16, 512):
+            torch.manual_seed(0)
+            model = Loop(width)
+            laser_fx.compress(model, config=LaserConfig(mode=mode, granularity="block"),
+                              example_inputs=(x,))
+            model(x).sum().backward()
+            rows = laser_fx.report(model).to_dict()["sites"]
+            want = 3 * (64 * 16 * 4 + 64 * width * 4)
+            assert sum(r["dense_bytes"] for r in rows) == want, (mode, width, rows)

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from .._weights import WeightOrigins
 from ..ops.linear import compressed_linear
 from ..ops.region import _Kept
+from ..tracker import is_weight
 from .base import Mechanism
 
 __all__ = ["Linear", "LinearOps"]
@@ -73,8 +74,7 @@ class Linear(Mechanism):
                 return _Kept(t)
             storage = t.untyped_storage()
             ref = seen.get(id(storage))
-            is_weight = t.is_leaf and t.requires_grad
-            if not is_weight and (ref is None or ref() is not storage):
+            if not is_weight(t) and (ref is None or ref() is not storage):
                 seen[id(storage)] = weakref.ref(storage)
                 kept += storage.nbytes()
             return _Kept(t)

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import ConfigError, LaserFxError
-from ..tracker import StorageStats
+from ..tracker import StorageStats, is_weight
 
 __all__ = ["compressed_checkpoint", "is_recomputing"]
 
@@ -66,12 +66,6 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     return [
         (d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
     ]
-
-
-def _is_weight(t: torch.Tensor) -> bool:
-    """A parameter, a leaf requiring grad, or a view of one (``w.t()`` saved by ``linear``)."""
-    base = t if t._base is None else t._base
-    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
 
 
 def walk_tensors(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
@@ -213,7 +207,7 @@ def _drop_pack(
     seen: dict[int, weakref.ref] = {}
 
     def pack(t: torch.Tensor) -> None:
-        if stats is not None and (any(t is i for i in inputs) or not _is_weight(t)):
+        if stats is not None and (any(t is i for i in inputs) or not is_weight(t)):
             storage = t.untyped_storage()
             ref = seen.get(id(storage))
             if ref is None or ref() is not storage:  # ids of freed storages are reused

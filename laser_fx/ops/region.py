@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..config import LaserConfig
 from ..errors import ConfigError, LaserFxError
-from ..tracker import StorageStats
+from ..tracker import StorageStats, is_weight
 from .checkpoint import is_recomputing
 
 __all__ = ["CompressedRegion", "compressed_region"]
@@ -85,16 +84,6 @@ class _Handle:
             x = self.tracker.decompress(self.packed)
             self._recon = weakref.ref(x)
         return x
-
-
-def _is_weight(t: torch.Tensor) -> bool:
-    """A parameter, a leaf requiring grad, or a view of one (``w.t()`` saved by ``mm``)."""
-    if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
-        return True
-    base = t._base
-    return base is not None and (
-        isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
-    )
 
 
 class CompressedRegion:
@@ -164,7 +153,7 @@ class CompressedRegion:
         # Parameters and tensor subclasses (fake/meta tensors of a tracer) are never packed.
         if type(t) is not torch.Tensor or t.device.type == "meta":
             return None
-        if not t.is_floating_point() or t.ndim < 2 or _is_weight(t):
+        if not t.is_floating_point() or t.ndim < 2 or is_weight(t):
             return None
         if t.numel() < self.config.min_numel or t.shape[-1] < 2:
             return None
