@@ -253,6 +253,7 @@ def compress(
     every = next((c.recalibrate_every for _, _, c in plan.chosen if c.recalibrate_every), None)
     step_hook = _StepHook(every, (args, kwargs), target)
     model.register_forward_pre_hook(step_hook)
+    model.register_forward_hook(step_hook.end, always_call=True)
     object.__setattr__(model, _SKIPPED, dict(plan.skipped))
     object.__setattr__(model, _GRANULARITY, dict(plan.granularity))
     try:
@@ -288,6 +289,10 @@ def strip(model: nn.Module) -> nn.Module:
     for key, hook in list(model._forward_pre_hooks.items()):
         if isinstance(hook, _StepHook):
             del model._forward_pre_hooks[key]
+    for key, hook in list(model._forward_hooks.items()):
+        if isinstance(getattr(hook, "__self__", None), _StepHook):
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
     model.__dict__.pop(_SKIPPED, None)
     model.__dict__.pop(_GRANULARITY, None)
     return model

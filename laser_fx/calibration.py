@@ -199,7 +199,7 @@ def calibrate(
     try:
         exact = run(None)
         run({})  # every site at the top of the ladder: creates the trackers, names the slots
-        slots = {id(s): list(s.trackers) for s in stores}
+        slots = {id(s): s.slots() for s in stores}
         units = [(id(s), slot) for s in stores for slot in slots[id(s)]]
         share = (1.0 - target_cosine) / max(1, len(units))
         for unit in units:

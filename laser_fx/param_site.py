@@ -41,7 +41,7 @@ class ParamSite(TrackerStore):
         self.config = config
         self.stats = StorageStats()
         self.trackers: dict[str, SubspaceTracker] = {}
-        self._open: list[tuple[LinearOps | None, list[tuple[int, int, int]]]] = []
+        self._open: list[tuple[LinearOps | None, tuple[int, int]]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -53,8 +53,7 @@ class ParamSite(TrackerStore):
             self._open.append((None, []))
             return
         mode = LinearOps(self, [(self.site.name, self.param)])
-        before = [(int(t.stored_bytes), int(t.dense_bytes), int(t.calls))
-                  for t in self.trackers.values()]
+        before = (self.stats.dense_bytes, self.stats.packed)
         mode.__enter__()
         self._open.append((mode, before))
 
@@ -65,14 +64,10 @@ class ParamSite(TrackerStore):
         if mode is None:
             return
         mode.__exit__(None, None, None)
-        trackers = list(self.trackers.values())
-        stored = sum(int(t.stored_bytes) for t in trackers) - sum(b[0] for b in before)
-        dense = sum(int(t.dense_bytes) for t in trackers) - sum(b[1] for b in before)
-        self.stats.stored_bytes += stored + sum(
-            t.basis.numel() * t.basis.element_size() for t in trackers)
-        self.stats.uncompressed_bytes += dense
-        # one compressed call per application of the parameter (not per call of the owner)
-        self.stats.calls += sum(int(t.calls) for t in trackers) - sum(b[2] for b in before)
+        # records and bases are counted by `compressed_linear`; one compressed call per
+        # application of the parameter (not per call of the owner)
+        self.stats.uncompressed_bytes += self.stats.dense_bytes - before[0]
+        self.stats.calls += self.stats.packed - before[1]
 
     def attach(self, owner: nn.Module) -> None:
         """Register the hooks on ``owner``."""

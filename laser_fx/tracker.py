@@ -1,38 +1,52 @@
 """`SubspaceTracker`: the low-rank basis one site's activations are stored in.
 
-One tracker serves every use of a weight-shared site (one recursion step per call). A call
-projects the activation onto the current basis Q; when Q captures too little of its energy,
-warm-started block subspace iteration refines Q, and when that is not enough the basis is
-rebuilt from a (randomized or exact) SVD. Every basis change assigns a NEW tensor to the
-``basis`` buffer, so each `Packed` keeps exactly the basis version it was projected with.
+A call projects the activation onto the current basis Q (``C = (X - m) Q``) and returns the
+record at once. Whether Q kept enough of X's energy is decided **one call late**
+(`SubspaceTracker.settle`, run by the next call, by the end of the model's forward, or by
+the record's first `decompress`): the call only queues the captured energies (a small device
+tensor, copied to the host asynchronously on a GPU), so the steady state never stalls on a
+device-to-host read. When the energy kept falls short, the record is revised before any
+backward reads it: warm-started block subspace iteration refines Q (Ritz values from the
+``k x k`` Gram matrix), and if that is not enough the basis is rebuilt from the
+``width x width`` Gram matrix (randomized subspace iteration for wide sites); the
+activation is re-projected, so every stored record keeps at least the trigger's share.
+
+Slow paths stay rare by construction: a basis is built to keep half of what the trigger
+allows to be dropped (``energy`` 0.999 builds at 0.9995), and ranks change in steps of up to
+8 columns, so the next, slightly different activation still clears the trigger. Every basis
+change assigns a NEW tensor to ``basis``, so each record keeps exactly the basis version it
+was projected with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import struct
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._linalg import gram_basis, ritz, single_thread_if_small, subspace_iteration
 from .config import LaserConfig
 from .errors import ConfigError
+from .packed import Packed, StorageStats, is_weight, nbytes
 
 __all__ = ["Packed", "StorageStats", "SubspaceTracker", "is_weight"]
 
-#: exact SVD below this many rows or columns; randomized subspace iteration above.
+#: widths up to this are reset exactly, from the width x width Gram matrix
 _EXACT_MAX = 256
 #: energy fraction treated as rounding noise, so that ``energy=1.0`` on exactly low-rank data
 #: keeps its rank instead of every numerically-zero direction.
 _TAIL_FLOOR = 1e-10
 #: subspace iterations of a randomized reset (the usual niter=2 of randomized SVD).
 _RESET_ITERS = 2
-#: CPU problems up to this many elements run their factorizations on one thread (see below).
-_SMALL_CPU = 1 << 18
 _SEED = 0x1A5E2
+#: a basis is built to drop at most this share of what the trigger allows to be dropped
+#: (hysteresis between the build target and the refine trigger)
+_HYSTERESIS = 0.5
+#: ranks change in steps of ``width // 16`` columns, at most this many
+_MAX_STEP = 8
 #: in energy mode, coefficients above this fraction of the dense bytes are not worth the
 #: tracking: store dense and skip the next `_BACKOFF` calls (high-rank activations, e.g. at
 #: random init, would otherwise pay a basis update on every call for a small saving). Each
@@ -41,56 +55,8 @@ _SEED = 0x1A5E2
 _INCOMPRESSIBLE = 0.75
 _BACKOFF = 8
 _BACKOFF_MAX = 256
-_COUNTERS = ("calls", "resets", "power_updates", "shrinks", "nonfinite", "dense_stores")
-
-
-class Packed:
-    """One stored activation: coefficients with the basis version they belong to, or dense.
-
-    Attributes:
-        coeffs: ``(N, k)`` coefficients ``C = (X - 1 mᵀ) Q`` (None when stored dense).
-        dense: the activation itself, detached (None when stored low-rank).
-        basis: the ``(width, k)`` fp32 basis version ``Q`` the coefficients belong to.
-        mean: the ``(width,)`` row mean ``m`` taken out before projecting (None: not centered).
-        shape: original shape of the activation.
-        dtype: original dtype of the activation.
-    """
-
-    __slots__ = ("basis", "coeffs", "dense", "dtype", "mean", "shape")
-
-    def __init__(
-        self,
-        *,
-        shape: torch.Size,
-        dtype: torch.dtype,
-        coeffs: Tensor | None = None,
-        basis: Tensor | None = None,
-        dense: Tensor | None = None,
-        mean: Tensor | None = None,
-    ) -> None:
-        self.coeffs = coeffs
-        self.basis = basis
-        self.dense = dense
-        self.mean = mean
-        self.shape = shape
-        self.dtype = dtype
-
-    @property
-    def is_dense(self) -> bool:
-        """Whether the activation is stored as it is (exactly)."""
-        return self.dense is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of what this record stores, basis excluded (it is shared between records)."""
-        if self.dense is not None:
-            return self.dense.numel() * self.dense.element_size()
-        extra = 0 if self.mean is None else self.mean.numel() * self.mean.element_size()
-        return self.coeffs.numel() * self.coeffs.element_size() + extra
-
-    def __repr__(self) -> str:
-        how = "dense" if self.is_dense else f"rank={self.coeffs.shape[1]}"
-        return f"Packed(shape={tuple(self.shape)}, dtype={self.dtype}, {how}, nbytes={self.nbytes})"
+_COUNTERS = ("calls", "resets", "power_updates", "shrinks", "nonfinite", "dense_stores",
+             "revisions")
 
 
 def _compact(t: Tensor) -> Tensor:
@@ -100,55 +66,42 @@ def _compact(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-@contextlib.contextmanager
-def _single_thread_if_small(x: Tensor) -> Iterator[None]:
-    """Run small CPU factorizations on one thread.
-
-    A QR/SVD of a few-thousand-element matrix gains nothing from threads, but it runs many
-    short parallel regions; on an oversubscribed CPU each can stall on a descheduled thread
-    (measured: 0.3-1.4 s instead of 0.1 ms per update on a loaded 2-core machine).
-    """
-    threads = torch.get_num_threads()
-    if x.device.type != "cpu" or x.numel() > _SMALL_CPU or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _f32(v: float) -> float:
+    """``v`` rounded as the fp32 buffer holding it: host copy and saved state agree."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
-def _orthonormal(m: Tensor) -> Tensor:
-    return torch.linalg.qr(m, mode="reduced").Q
+class _Pending:
+    """The last call, until `SubspaceTracker.settle` decides about it: its record, the
+    activation (for a revision) and the energies ``[‖X - m‖², ‖C_1‖², …, ‖C_k‖²]``."""
 
+    __slots__ = ("energies", "event", "packed", "x")
 
-def _subspace_iteration(x: Tensor, start: Tensor, iters: int) -> Tensor:
-    """Orthonormal basis of ``(XᵀX)^iters · start``; matrix-free (never forms XᵀX)."""
-    q = _orthonormal(start)
-    for _ in range(iters):
-        q = _orthonormal(x.T @ (x @ q))
-    return q
+    def __init__(self, packed: Packed, x: Tensor, energies: Tensor) -> None:
+        self.packed = packed
+        self.x = x
+        self.event = None
+        if energies.device.type == "cuda":  # started now, read one call later: no stall
+            host = torch.empty(energies.shape, dtype=energies.dtype, pin_memory=True)
+            host.copy_(energies, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            energies = host
+        self.energies = energies
 
-
-def _ritz(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Best directions of ``x`` inside span(q), sorted by captured energy.
-
-    Returns:
-        (energies fp64, basis ``q V``, coefficients ``x q V``): the coefficients come from the
-        small SVD, so the caller needs no further projection.
-    """
-    u, s, vh = torch.linalg.svd(x @ q, full_matrices=False)
-    return s.double().square(), q @ vh.T, u * s
+    def read(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.energies.tolist()
 
 
 class SubspaceTracker(nn.Module):
     """Tracked low-rank basis of one site's activations (last dim = ``width``).
 
-    All state lives in registered buffers, so ``state_dict``/``load_state_dict`` (also from a
-    tracker of another rank), ``.to()``, ``deepcopy`` and ``torch.load(weights_only=True)``
-    work. Counters ``stored_bytes``/``dense_bytes`` cover the calls since `begin_step`;
-    ``stored_bytes`` counts coefficients (or dense copies), not basis versions.
+    ``state_dict`` holds the basis and fidelities (``load_state_dict`` also takes a tracker
+    of another rank; ``.to()``, ``deepcopy`` and ``torch.load(weights_only=True)`` work).
+    Counters are plain Python numbers (`stats`); ``stored_bytes``/``dense_bytes`` cover the
+    calls since `begin_step`, ``stored_bytes`` counting records, not basis versions.
 
     Args:
         width: size of the last dim of every activation this tracker compresses.
@@ -158,7 +111,7 @@ class SubspaceTracker(nn.Module):
 
         tracker = SubspaceTracker(64, LaserConfig(energy=0.99))
         packed = tracker.compress(x)          # x: (..., 64)
-        x_hat = tracker.decompress(packed)
+        x_hat = tracker.decompress(packed)    # decides about the call first, if still open
     """
 
     basis: Tensor
@@ -173,35 +126,49 @@ class SubspaceTracker(nn.Module):
         self.config = config
         self.register_buffer("basis", torch.zeros(width, 0))
         self.register_buffer("rank", torch.zeros((), dtype=torch.int64))
-        for name in (*_COUNTERS, "stored_bytes", "dense_bytes"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_fidelity", torch.ones(()))
         self.register_buffer("min_fidelity", torch.ones(()))
         # captured energy right after the last reset (the fixed-rank trigger is relative to it)
         self.register_buffer("reset_fidelity", torch.ones(()))
-        # calls left to store dense without trying (after an incompressible activation)
-        self.register_buffer("backoff", torch.zeros((), dtype=torch.int64))
-        # the next back-off's length (doubles while tries keep failing); a plain int, not
-        # a buffer: no device op per call, and not part of the saved state
-        self.backoff_next = _BACKOFF
+        self._reset_fid = 1.0  # host copies: read on every decision, never from the device
+        self._min_fid = 1.0
+        for name in (*_COUNTERS, "stored_bytes", "dense_bytes"):
+            setattr(self, name, 0)
+        self.backoff = 0  # calls left to store dense without trying
+        self.backoff_next = _BACKOFF  # the next back-off's length (doubles while tries fail)
+        self._pending: _Pending | None = None
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
 
     # ------------------------------------------------------------------ public API
     def begin_step(self) -> None:
-        """Zero the stored/dense byte counters (call once per training step)."""
-        self.stored_bytes.zero_()
-        self.dense_bytes.zero_()
+        """Decide about the last call, then zero the byte counters (once per training step)."""
+        self.settle()
+        self.stored_bytes = self.dense_bytes = 0
 
     def stats(self) -> dict[str, int | float]:
         """Current rank, counters, fidelities and byte counts as plain Python numbers."""
         out: dict[str, int | float] = {"rank": int(self.basis.shape[1])}
         for name in (*_COUNTERS, "stored_bytes", "dense_bytes"):
-            out[name] = int(getattr(self, name))
+            out[name] = getattr(self, name)
         out["last_fidelity"] = float(self.last_fidelity)
         out["min_fidelity"] = float(self.min_fidelity)
         return out
+
+    def threshold(self) -> float:
+        """Captured-energy fraction below which the basis is updated (see `LaserConfig`)."""
+        if self.config.fidelity is not None:
+            return self.config.fidelity
+        if self.config.rank is None:
+            return self.config.energy
+        return min(self.config.energy, 0.98 * self._reset_fid)
+
+    def build_target(self) -> float:
+        """Energy fraction a new or refined basis keeps: above the trigger (hysteresis)."""
+        if self.config.fidelity is not None:  # the user chose the gap
+            return self.config.energy
+        return 1.0 - (1.0 - self.config.energy) * _HYSTERESIS
 
     # torch.compile: the tracker is data-dependent Python (ranks, norms); dynamo would
     # recompile it per width/rank until its limit, then run it eagerly anyway
@@ -210,9 +177,10 @@ class SubspaceTracker(nn.Module):
     def compress(self, x: Tensor) -> Packed:
         """Store ``x`` (any leading dims, last dim ``width``) in the tracked basis.
 
-        Updates the basis when it captures less than ``config.fidelity`` of ``x``'s energy.
-        Non-finite, tiny (< ``config.min_numel``) or not-compressible ``x`` is stored dense
-        and leaves the basis untouched (non-finite values never reach the buffers).
+        The record is projected on the current basis at once; the decision whether that
+        basis kept at least `threshold` of ``x``'s energy is taken at the next `settle`,
+        which revises the record if not. Non-finite, tiny (< ``config.min_numel``) or
+        incompressible ``x`` is stored dense and leaves the basis untouched.
 
         Args:
             x: the activation; floating point, on the tracker's device.
@@ -220,6 +188,81 @@ class SubspaceTracker(nn.Module):
         Returns:
             `Packed` record for `decompress`.
         """
+        self._check(x)
+        self.settle()
+        self.calls += 1
+        x = x.detach()
+        self.dense_bytes += nbytes(x)
+        if x.numel() < self.config.min_numel:
+            return self._store_dense(x)
+        if self.backoff > 0:
+            self.backoff -= 1
+            return self._store_dense(x)
+        xc, mean = self._centered(x)
+        if self.basis.shape[1] == 0:
+            return self._first(x, xc, mean)
+        coeffs = xc @ self.basis
+        packed = self._store(x, self.basis, coeffs, mean, None, new_basis=False)
+        if not packed.is_dense:
+            total = torch.linalg.vector_norm(xc).square().reshape(1)
+            self._pending = _Pending(packed, x, torch.cat([total, coeffs.square().sum(0)]))
+        return packed
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Take the decision about the last call now (normally taken at the next call).
+
+        Reads the last call's captured energy; when it is below `threshold`, refines the
+        basis on that activation and revises its record. Callers that need every decision
+        taken (the end of a forward, a test) call this; `decompress` does it by itself.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        energies = pending.read()
+        total, captured = energies[0], sum(energies[1:])
+        if not (math.isfinite(total) and math.isfinite(captured)):
+            self.nonfinite += 1  # never reaches the basis: keep the activation exactly
+            self._store_dense(pending.x, into=pending.packed)
+            return
+        fid = 1.0 if total == 0.0 else min(1.0, captured / total)
+        if fid >= self.threshold():
+            self._note(fid)
+            self._shrink(energies[1:], total)
+            return
+        self.revisions += 1
+        xc, mean = self._centered(pending.x)
+        with single_thread_if_small(xc):
+            basis, coeffs, fid = self._refine(xc, total)
+        self._store(pending.x, basis, coeffs, mean, fid, new_basis=True, into=pending.packed)
+
+    def decided(self, p: Packed) -> Packed:
+        """``p`` after the decision about its call (taken now if still open): what backward
+        may read."""
+        if self._pending is not None and self._pending.packed is p:
+            self.settle()
+        return p
+
+    def decompress(self, p: Packed) -> Tensor:
+        """Reconstruction ``X̂ = C Qᵀ`` in the original shape and dtype (exact if dense).
+
+        Args:
+            p: a record returned by this tracker's `compress`.
+
+        Returns:
+            Tensor shaped and typed like the compressed activation.
+        """
+        p = self.decided(p)
+        if p.dense is not None:
+            return p.dense
+        with torch.no_grad():
+            x_hat = p.coeffs.to(p.basis.dtype) @ p.basis.T
+            if p.mean is not None:
+                x_hat += p.mean.to(x_hat.dtype)
+        return x_hat.reshape(p.shape).to(p.dtype)
+
+    # ------------------------------------------------------------------ internals
+    def _check(self, x: Tensor) -> None:
         if x.ndim == 0 or x.shape[-1] != self.width:
             got = "a scalar" if x.ndim == 0 else f"last dim {x.shape[-1]}"
             raise ConfigError(
@@ -234,203 +277,210 @@ class SubspaceTracker(nn.Module):
                 f"SubspaceTracker buffers are on {self.basis.device} but the activation is on "
                 f"{x.device}; move the model (and its trackers) with `.to({str(x.device)!r})`."
             )
-        self.calls.add_(1)
-        x = x.detach()
-        self.dense_bytes.add_(x.numel() * x.element_size())
-        if x.numel() < self.config.min_numel:
-            return self._store_dense(x)
-        if int(self.backoff) > 0:
-            self.backoff.sub_(1)
-            return self._store_dense(x)
+
+    def _centered(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         xm = x.reshape(-1, self.width).float()
-        mean = None
-        if self.config.center:  # a component shared by every row is kept exactly, aside
-            mean = xm.mean(0)
-            xm = xm - mean
-        total = float(torch.linalg.vector_norm(xm).square())
+        if not self.config.center:
+            return xm, None
+        mean = xm.mean(0)  # a component shared by every row is kept exactly, aside
+        return xm - mean, mean
+
+    def _first(self, x: Tensor, xc: Tensor, mean: Tensor | None) -> Packed:
+        """No basis yet: build one now (the warm-up reads values back; later calls do not)."""
+        total = float(torch.linalg.vector_norm(xc).square())
         if not math.isfinite(total):
-            self.nonfinite.add_(1)
+            self.nonfinite += 1
             return self._store_dense(x)
-        k = self.basis.shape[1]
-        if total == 0.0:
-            if k == 0:  # nothing to build a basis from: keep it exactly, state untouched
-                return self._store_dense(x)
-            return self._finish(x, self.basis, xm.new_zeros(xm.shape[0], k), 1.0, mean)
-        threshold = self.threshold()
-        if k > 0:
-            coeffs = xm @ self.basis
-            fid = min(1.0, float(coeffs.square().sum()) / total)
-            if fid >= threshold:
-                return self._shrink_and_finish(x, coeffs, fid, total, mean)
-        with _single_thread_if_small(xm):
-            if k > 0 and self.config.power_iters > 0 and k < self.width:
-                self.power_updates.add_(1)
-                basis, coeffs, fid = self._power_update(xm, total)
-                if fid >= threshold:
-                    return self._finish(x, basis, coeffs, fid, mean)
-            basis, coeffs, fid = self._reset(xm, total)  # first call, or tracking failed
-            self.reset_fidelity.fill_(fid)
-        return self._finish(x, basis, coeffs, fid, mean)
+        if total == 0.0:  # nothing to build a basis from: keep it exactly, state untouched
+            return self._store_dense(x)
+        with single_thread_if_small(xc):
+            basis, coeffs, fid = self._reset(xc, total)
+        return self._store(x, basis, coeffs, mean, fid, new_basis=True)
 
-    def threshold(self) -> float:
-        """Captured-energy fraction below which the basis is updated (see `LaserConfig`)."""
-        if self.config.fidelity is not None:
-            return self.config.fidelity
-        if self.config.rank is None:
-            return self.config.energy
-        return min(self.config.energy, 0.98 * float(self.reset_fidelity))
+    @property
+    def rank_step(self) -> int:
+        """Ranks chosen from energies are multiples of this (``width // 16``, 1 to 8)."""
+        return max(1, min(_MAX_STEP, self.width // 16))
 
-    def decompress(self, p: Packed) -> Tensor:
-        """Reconstruction ``X̂ = C Qᵀ`` in the original shape and dtype (exact if dense).
+    def _cap(self) -> int:
+        return min(self.width, self.config.max_rank or self.width)
 
-        Args:
-            p: a record returned by this tracker's `compress`.
+    def _round(self, k: int) -> int:
+        """``k`` rounded up to the rank step (and capped), so ranks change in steps."""
+        return min(self._cap(), -(-k // self.rank_step) * self.rank_step)
 
-        Returns:
-            Tensor shaped and typed like the compressed activation.
-        """
-        if p.dense is not None:
-            return p.dense
-        with torch.no_grad():
-            x_hat = p.coeffs.to(p.basis.dtype) @ p.basis.T
-            if p.mean is not None:
-                x_hat += p.mean.to(x_hat.dtype)
-        return x_hat.reshape(p.shape).to(p.dtype)
-
-    # ------------------------------------------------------------------ internals
     def _generator(self, device: torch.device) -> torch.Generator:
         # A private, seeded generator: the tracker must not consume the global RNG stream,
         # or a compressed model would draw different dropout masks than the original.
         gen = torch.Generator(device=device)
-        gen.manual_seed(_SEED + int(self.calls))
+        gen.manual_seed(_SEED + self.calls)
         return gen
 
     def _random(self, rows: int, cols: int, like: Tensor) -> Tensor:
         gen = self._generator(like.device)
         return torch.randn(rows, cols, generator=gen, device=like.device, dtype=like.dtype)
 
-    def _power_update(self, xm: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
-        """Warm-started block subspace iteration on ``[Q, random]``, keeping the top k."""
+    def _refine(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
+        """A basis keeping at least the trigger's share of ``xc``: power update, else reset."""
         k = self.basis.shape[1]
-        extra = min(self.config.oversample, self.width - k)
+        if self.config.power_iters > 0 and 0 < k < self.width:
+            self.power_updates += 1
+            got = self._power_update(xc, total)
+            if got is not None:
+                return got
+        return self._reset(xc, total)
+
+    def _power_update(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float] | None:
+        """Warm-started block subspace iteration on ``[Q, random]``; None if not enough."""
+        k = self.basis.shape[1]
+        extra = min(max(self.config.oversample, self.rank_step), self.width - k)
         start = self.basis
         if extra > 0:
-            start = torch.cat([self.basis, self._random(self.width, extra, xm)], dim=1)
-        q = _subspace_iteration(xm, start, self.config.power_iters)
-        energies, basis, coeffs = _ritz(xm, q)
-        keep = k
+            start = torch.cat([self.basis, self._random(self.width, extra, xc)], dim=1)
+        q = subspace_iteration(xc, start, self.config.power_iters)
+        energies, basis, coeffs = ritz(xc, q)
         if self.config.rank is None:
-            # energy mode: the rank follows the data both ways. The oversampled columns'
-            # energies are exact for the directions they span, so when the kept energy
-            # needs up to `oversample` more directions they are taken instead of a reset;
-            # directions no longer needed are dropped.
-            need = self._pick_from_prefix(energies, total)
-            keep = need if need is not None else k
-        return basis[:, :keep], coeffs[:, :keep], float(energies[:keep].sum()) / total
+            # energy mode: the rank follows the data both ways; the extra columns' energies
+            # are exact for the directions they span, so a few more directions are taken
+            # instead of a reset, and directions no longer needed are dropped
+            keep = self._pick_prefix(energies, total, self.build_target())
+            if keep is None:
+                keep = q.shape[1]
+        else:
+            keep = k
+        fid = min(1.0, float(energies[:keep].sum()) / total)
+        if fid < self.threshold():
+            return None
+        return basis[:, :keep], coeffs[:, :keep], fid
 
-    def _reset(self, xm: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
-        """Rebuild the basis: smallest k keeping ``energy`` (or the fixed rank)."""
-        self.resets.add_(1)
-        n, d = xm.shape
-        full = min(n, d)
+    def _reset(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
+        """Rebuild the basis: smallest k (in rank steps) keeping the build target, or the
+        fixed rank. Exact from the Gram matrix up to width `_EXACT_MAX`, randomized above."""
+        self.resets += 1
+        n, d = xc.shape
         fixed = self.config.target_rank(d)
-        p = self.config.oversample
+        target = self.build_target()
+        p = max(self.config.oversample, self.rank_step)
         q = (fixed if fixed is not None else max(2 * self.basis.shape[1], 16)) + p
-        while full > _EXACT_MAX and 2 * q <= full:
+        basis = None
+        while d > _EXACT_MAX and 2 * q <= min(n, d):
             start = self.basis[:, : min(self.basis.shape[1], q)]
-            start = torch.cat([start, self._random(d, q - start.shape[1], xm)], dim=1)
-            energies, basis, coeffs = _ritz(xm, _subspace_iteration(xm, start, _RESET_ITERS))
+            start = torch.cat([start, self._random(d, q - start.shape[1], xc)], dim=1)
+            energies, cand, _ = ritz(xc, subspace_iteration(xc, start, _RESET_ITERS))
             # only the leading q - p Ritz values are reliable after two iterations
-            k = fixed if fixed is not None else self._pick_from_prefix(energies[: q - p], total)
-            if k is None and self._cap(d) <= q - p:
-                k = self._cap(d)  # max_rank reached: more columns cannot help
+            k = fixed if fixed is not None else self._pick_prefix(energies[: q - p], total, target)
+            if k is None and self._cap() <= q - p:
+                k = self._cap()  # max_rank reached: more columns cannot help
             if k is not None:
-                return basis[:, :k], coeffs[:, :k], min(1.0, float(energies[:k].sum()) / total)
+                basis = cand[:, :k]
+                break
             q *= 2
-        u, s, vh = torch.linalg.svd(xm, full_matrices=False)
-        energies = s.double().square()
-        k = fixed if fixed is not None else self._pick_exhaustive(energies, d)
-        k = min(k, energies.numel())
-        captured = float(energies[:k].sum()) / max(float(energies.sum()), 1e-300)
-        return vh[:k].T, u[:, :k] * s[:k], min(1.0, captured)
+        if basis is None:
+            basis = self._exact(xc, fixed, target)
+        coeffs = xc @ basis
+        fid = min(1.0, float(coeffs.square().sum()) / total)
+        self._reset_fid = _f32(fid)
+        self.reset_fidelity.fill_(fid)
+        return basis, coeffs, fid
 
-    def _cap(self, d: int) -> int:
-        return min(d, self.config.max_rank or d)
+    def _exact(self, xc: Tensor, fixed: int | None, target: float) -> Tensor:
+        """Leading directions from the smaller Gram matrix (features ``XᵀX`` or rows ``XXᵀ``)."""
+        n, d = xc.shape
+        if d <= n:
+            energies, vecs = gram_basis(xc)
+        else:  # few rows: the directions are Xᵀ u / σ for the row Gram's eigenpairs
+            energies, u = gram_basis(xc.T)
+            keep = int((energies > energies[0] * 1e-12).sum()) if energies[0] > 0 else 1
+            vecs = torch.linalg.qr(xc.T @ u[:, :keep], mode="reduced").Q
+            energies = energies[:keep]
+        if fixed is not None:
+            k = fixed
+        else:
+            budget = (1.0 - target + _TAIL_FLOOR) * float(energies.sum())
+            tail = energies.sum() - torch.cumsum(energies, 0)  # tail[k-1]: dropped keeping k
+            k = self._round(int(torch.nonzero(tail <= budget)[0]) + 1)
+        return vecs[:, : min(k, vecs.shape[1])]
 
-    def _pick_from_prefix(self, energies: Tensor, total: float) -> int | None:
-        """Smallest k whose leading energies reach ``energy * total``; None if none does."""
-        need = min(self.config.energy, 1.0 - _TAIL_FLOOR) * total
+    def _pick_prefix(self, energies: Tensor, total: float, target: float) -> int | None:
+        """Smallest k (rank-stepped) whose leading energies reach ``target * total``."""
+        need = min(target, 1.0 - _TAIL_FLOOR) * total
         hits = torch.nonzero(torch.cumsum(energies, 0) >= need)
         if hits.numel() == 0:
             return None
-        return min(int(hits[0]) + 1, self._cap(self.width))
+        return min(self._round(int(hits[0]) + 1), energies.numel())
 
-    def _pick_exhaustive(self, energies: Tensor, d: int) -> int:
-        """Smallest k whose dropped tail is within ``1 - energy`` of a full spectrum."""
-        tail = torch.flip(torch.cumsum(torch.flip(energies, [0]), 0), [0])  # tail[k] = sum e[k:]
-        tail = torch.cat([tail[1:], tail.new_zeros(1)])  # tail after keeping k+1 directions
-        budget = (1.0 - self.config.energy + _TAIL_FLOOR) * float(energies.sum())
-        k = int(torch.nonzero(tail <= budget)[0]) + 1
-        return min(k, self._cap(d))
+    def _shrink(self, energies: list[float], total: float) -> None:
+        """Drop trailing columns the last activation did not need (energy mode only)."""
+        k = len(energies)
+        if self.config.rank is not None or k <= self.rank_step or total <= 0.0:
+            return
+        need, acc, keep = min(self.build_target(), 1.0 - _TAIL_FLOOR) * total, 0.0, k
+        for i, e in enumerate(energies):  # columns are ordered by energy (Ritz/Gram order)
+            acc += e
+            if acc >= need:
+                keep = self._round(i + 1)
+                break
+        if keep < k:
+            self.shrinks += 1
+            self.basis = _compact(self.basis[:, :keep])
+            self.rank.fill_(keep)
 
-    def _shrink_and_finish(
-        self, x: Tensor, coeffs: Tensor, fid: float, total: float, mean: Tensor | None
-    ) -> Packed:
-        # Columns are ordered by energy (SVD / Ritz order), so a prefix that already keeps
-        # `energy` makes the rest unnecessary: the rank follows data that concentrates.
-        basis = self.basis
-        if self.config.rank is None and basis.shape[1] > 1:
-            k = self._pick_from_prefix(coeffs.double().square().sum(0), total)
-            if k is not None and k < basis.shape[1]:
-                self.shrinks.add_(1)
-                coeffs, basis = coeffs[:, :k], basis[:, :k]
-                fid = min(1.0, float(coeffs.square().sum()) / total)
-        return self._finish(x, basis, coeffs, fid, mean)
-
-    def _finish(
-        self, x: Tensor, basis: Tensor, coeffs: Tensor, fid: float, mean: Tensor | None
-    ) -> Packed:
-        """Adopt ``basis`` (a new buffer tensor if it changed) and store the coefficients."""
-        new_basis = basis is not self.basis
-        if new_basis:
-            self.basis = _compact(basis.float())  # assign, never in place: old Packed keep theirs
-            self.rank.fill_(basis.shape[1])
+    def _note(self, fid: float) -> None:
+        """Record a decided call's fidelity (host numbers, written to the buffers)."""
         fid = min(1.0, max(0.0, fid))  # rounding can leave a hair outside [0, 1]
+        self.last_fidelity.fill_(fid)
+        if fid < self._min_fid:
+            self._min_fid = _f32(fid)
+            self.min_fidelity.fill_(fid)
+
+    def _store(self, x: Tensor, basis: Tensor, coeffs: Tensor, mean: Tensor | None,
+               fid: float | None, *, new_basis: bool, into: Packed | None = None) -> Packed:
+        """Store ``x`` as ``coeffs`` in ``basis`` (adopted if new), or dense when that is not
+        worth it; as a new record, or as the revision of ``into``."""
+        if new_basis:
+            self.basis = _compact(basis.float())  # assign, never in place: old records keep theirs
+            self.rank.fill_(self.basis.shape[1])
         store = self.config.store_dtype or x.dtype
-        packed = Packed(
-            shape=x.shape, dtype=x.dtype, coeffs=coeffs.to(store), basis=self.basis,
-            mean=None if mean is None else mean.to(store),
-        )
-        # a record (coefficients, centered mean) not smaller than x: keep x itself, exactly
-        x_bytes = x.numel() * x.element_size()
-        dense = packed.nbytes >= x_bytes
+        c = coeffs.to(store)
+        m = None if mean is None else mean.to(store)
+        x_bytes, rec_bytes = nbytes(x), nbytes(c) + nbytes(m)
+        dense = rec_bytes >= x_bytes
         if self.config.rank is None:  # energy mode: back off from incompressible activations
             # A record that brings a new basis version pins it too: with few rows (a small
             # batch of RNN states) coefficients plus basis can outgrow the activation.
-            cost = packed.nbytes + (self.basis.numel() * self.basis.element_size()
-                                    if new_basis else 0)
+            cost = rec_bytes + (nbytes(self.basis) if new_basis else 0)
             dense = cost > _INCOMPRESSIBLE * x_bytes
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)
-                self.backoff.fill_(self.backoff_next)
+                self.backoff = self.backoff_next
                 self.backoff_next = min(2 * self.backoff_next, _BACKOFF_MAX)
                 self.basis = self.basis.new_zeros(self.width, 0)
                 self.rank.zero_()
             else:
                 self.backoff_next = _BACKOFF
-        fid = 1.0 if dense else fid
-        self.last_fidelity.fill_(fid)
-        self.min_fidelity.clamp_(max=fid)
         if dense:
-            return self._store_dense(x)
-        packed.coeffs = _compact(packed.coeffs)  # a kept slice must not pin a larger buffer
-        self.stored_bytes.add_(packed.nbytes)
-        return packed
+            self._note(1.0)
+            return self._store_dense(x, into=into)
+        if fid is not None:
+            self._note(fid)
+        fields = {"coeffs": _compact(c), "basis": self.basis, "mean": m}
+        if into is None:
+            packed = Packed(shape=x.shape, dtype=x.dtype, **fields)
+            self.stored_bytes += packed.nbytes
+            return packed
+        self.stored_bytes -= into.nbytes
+        into.revise(**fields)
+        self.stored_bytes += into.nbytes
+        return into
 
-    def _store_dense(self, x: Tensor) -> Packed:
-        self.dense_stores.add_(1)
-        packed = Packed(shape=x.shape, dtype=x.dtype, dense=x)
-        self.stored_bytes.add_(packed.nbytes)
-        return packed
+    def _store_dense(self, x: Tensor, into: Packed | None = None) -> Packed:
+        self.dense_stores += 1
+        if into is None:
+            into = Packed(shape=x.shape, dtype=x.dtype, dense=x)
+        else:
+            self.stored_bytes -= into.nbytes
+            into.revise(dense=x)
+        self.stored_bytes += into.nbytes
+        return into
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
@@ -443,80 +493,11 @@ class SubspaceTracker(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
+        self._pending = None
+        self._reset_fid = float(self.reset_fidelity)
+        self._min_fid = float(self.min_fidelity)
 
-
-def _nbytes(obj: object) -> int:
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    return int(getattr(obj, "nbytes", 0) or 0)
-
-
-def is_weight(t: Tensor) -> bool:
-    """A parameter, a leaf requiring grad, or a view of one (``w.t()`` saved by ``linear``):
-    what autograd saves of it is no activation, and no mechanism stores or counts it."""
-    base = t if t._base is None else t._base
-    return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad)
-
-
-@dataclass
-class StorageStats:
-    """Byte accounting of what compressed calls kept for backward (one training step).
-
-    Attributes:
-        uncompressed_bytes: what the same calls would have kept uncompressed (distinct
-            saved tensors, parameters excluded), measured by saved-tensor hooks as they ran.
-        seen_bytes: dense bytes of every distinct tensor the compressed calls saved.
-        dense_bytes: dense bytes of the saved tensors routed to a tracker.
-        stored_bytes: bytes of what the trackers returned for them (`Packed.nbytes`).
-        passthrough_bytes: bytes of saved tensors kept as they are (parameters excluded).
-        packed: number of tensors routed to a tracker; ``deduped``: saves served by an
-            earlier pack of the same tensor.
-        calls: compressed calls counted.
-    """
-
-    uncompressed_bytes: int = 0
-    seen_bytes: int = 0
-    dense_bytes: int = 0
-    stored_bytes: int = 0
-    passthrough_bytes: int = 0
-    packed: int = 0
-    deduped: int = 0
-    calls: int = 0
-    # Distinct basis versions referenced by the packs, by identity; kept alive while the
-    # stats object lives so that ids are not reused.
-    _bases: dict[int, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def basis_bytes(self) -> int:
-        """Bytes of the distinct bases the packs refer to."""
-        return sum(_nbytes(b) for b in self._bases.values())
-
-    @property
-    def total_stored_bytes(self) -> int:
-        """Everything kept: packs, their bases, and the tensors kept as they are."""
-        return self.stored_bytes + self.basis_bytes + self.passthrough_bytes
-
-    def add_packed(self, dense: Tensor, packed: Any) -> None:
-        """Record that `dense` was stored as `packed`."""
-        self.seen_bytes += _nbytes(dense)
-        self.dense_bytes += _nbytes(dense)
-        self.stored_bytes += _nbytes(packed)
-        self.packed += 1
-        basis = getattr(packed, "basis", None)
-        if basis is not None and not getattr(packed, "is_dense", False):
-            self._bases.setdefault(id(basis), basis)
-
-    def add_passthrough(self, t: Tensor) -> None:
-        """Record a saved tensor kept as it is (parameters are not activations: skipped)."""
-        if is_weight(t):
-            return
-        self.seen_bytes += _nbytes(t)
-        self.passthrough_bytes += _nbytes(t)
-
-    def to_dict(self) -> dict[str, int]:
-        """Plain-dict view (for reports)."""
-        keys = ("uncompressed_bytes", "seen_bytes", "dense_bytes", "stored_bytes",
-                "passthrough_bytes", "packed", "deduped", "calls")
-        out = {k: getattr(self, k) for k in keys}
-        out.update(basis_bytes=self.basis_bytes, total_stored_bytes=self.total_stored_bytes)
-        return out
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pending"] = None  # a record in flight belongs to the graph it was made in
+        return state

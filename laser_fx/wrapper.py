@@ -25,14 +25,18 @@ from .ops.checkpoint import is_recomputing
 from .sites import Site
 from .tracker import StorageStats, SubspaceTracker
 
-__all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step"]
+__all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step", "tracker_stores"]
 
 #: attribute under which a wrapper holds the original module (hidden from state dicts)
 WRAPPED = "_laser_fx_module"
 _PREFIX = WRAPPED + "."
 #: attributes a `SiteWrapper` keeps for itself; every other write goes to the wrapped module
 _OWN = frozenset({"site", "mechanism", "config", "stats", "trackers", "bypass", "calibration",
-                  "slot_energy"})
+                  "slot_energy", "role", "step_calls"})
+#: separates a slot from its role in a tracker's key (``"in0@3"``)
+_ROLE = "@"
+#: calls beyond this many in one step share the last position's trackers
+_MAX_ROLES = 128
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -60,6 +64,10 @@ class TrackerStore:
     calibration: Any = None
     #: per-slot energies chosen by `laser_fx.calibrate` (slots not listed use ``config``)
     slot_energy: dict[str, float] | None = None
+    #: the role of the call in progress (its position among the step's calls), or None
+    role: int | None = None
+    #: grad-enabled calls of the site since the step began
+    step_calls: int = 0
 
     def slot_config(self, slot: str) -> LaserConfig:
         """The config of ``slot``'s tracker: the site's, with a calibrated energy if any."""
@@ -68,19 +76,38 @@ class TrackerStore:
             return self.config
         return dataclasses.replace(self.config, energy=energy, rank=None, fidelity=None)
 
+    def slots(self) -> list[str]:
+        """The slots whose trackers exist, in order of first use (roles folded)."""
+        return list(dict.fromkeys(key.partition(_ROLE)[0] for key in self.trackers))
+
     def tracker(self, slot: str, width: int, like: Tensor) -> SubspaceTracker:
-        """The tracker of ``slot`` (created, or re-created when the width changed)."""
-        trk = self.trackers.get(slot)
+        """The tracker of ``slot`` in the current call's role (created, or re-created when
+        the width changed). A role is the call's position in the step: the calls of a
+        recursion differ by position (TRM's z-updates and y-update take different inputs),
+        and one basis per position keeps each tracked from the same position a step ago."""
+        key = slot if self.role is None else f"{slot}{_ROLE}{self.role}"
+        trk = self.trackers.get(key)
         if trk is None or trk.width != width:
-            trk = self.trackers[slot] = SubspaceTracker(width, self.slot_config(slot)).to(
+            trk = self.trackers[key] = SubspaceTracker(width, self.slot_config(slot)).to(
                 like.device)
         elif trk.basis.device != like.device:
             trk.to(like.device)
         return trk
 
+    def next_role(self) -> None:
+        """A grad-enabled call begins: it takes the next position of the step."""
+        self.role = min(self.step_calls, _MAX_ROLES - 1)
+        self.step_calls += 1
+
+    def settle(self) -> None:
+        """Take every tracker's pending decision (`SubspaceTracker.settle`)."""
+        for trk in self.trackers.values():
+            trk.settle()
+
     def begin_step(self) -> None:
-        """Start a new step's byte accounting."""
+        """Start a new step's byte accounting and call positions."""
         self.stats = StorageStats()
+        self.step_calls = 0
         for trk in self.trackers.values():
             trk.begin_step()
 
@@ -88,6 +115,7 @@ class TrackerStore:
         """Forget every basis and counter (as if freshly compressed)."""
         self.trackers = {}
         self.stats = StorageStats()
+        self.step_calls = 0
 
 
 class SiteWrapper(TrackerStore, nn.Module):
@@ -155,6 +183,7 @@ class SiteWrapper(TrackerStore, nn.Module):
         module = self.wrapped
         if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             return module(*args, **kwargs)
+        self.next_role()
         return self.mechanism.call(self, args, kwargs)
 
     def extra_repr(self) -> str:
@@ -162,9 +191,10 @@ class SiteWrapper(TrackerStore, nn.Module):
 
 
 class _StepHook:
-    """Forward pre-hook of the compressed model: a grad-enabled forward starts a new step;
-    with ``every``, every ``every``-th such step first re-calibrates the sites' energies on
-    the stored micro-batch (`laser_fx.calibrate`)."""
+    """Forward hooks of the compressed model: a grad-enabled forward starts a new step
+    (pre-hook; with ``every``, every ``every``-th such step first re-calibrates the sites'
+    energies on the stored micro-batch, `laser_fx.calibrate`), and its end takes the
+    trackers' pending decisions (`end`), so none is left open when backward begins."""
 
     def __init__(self, every: int | None = None, inputs: tuple = (), target: float | None = None
                  ) -> None:
@@ -185,13 +215,25 @@ class _StepHook:
             calibrate(model, args, kwargs, target_cosine=self.target)  # sets `busy` meanwhile
         begin_step(model)
 
+    def end(self, model: nn.Module, *_: Any) -> None:
+        for store in tracker_stores(model):
+            store.settle()
 
-def begin_step(model: nn.Module) -> None:
-    """Start a new step's byte accounting in every site of ``model``."""
+
+def tracker_stores(model: nn.Module) -> list[TrackerStore]:
+    """Every site's state below ``model``: wrappers and parameter sites' hooks."""
+    found: list[TrackerStore] = []
     for m in model.modules():
         if isinstance(m, SiteWrapper):
-            m.begin_step()
+            found.append(m)
         for hook in m._forward_pre_hooks.values():
             store = getattr(hook, "__self__", None)
             if isinstance(store, TrackerStore):
-                store.begin_step()
+                found.append(store)
+    return found
+
+
+def begin_step(model: nn.Module) -> None:
+    """Start a new step's byte accounting in every site of ``model``."""
+    for store in tracker_stores(model):
+        store.begin_step()

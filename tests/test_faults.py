@@ -154,7 +154,8 @@ def test_training_with_skipped_nonfinite_steps_stays_finite():
     g = torch.Generator().manual_seed(1)
     skipped = 0
     for step in range(6):
-        xs = torch.randn(4, 16, 32, generator=g)  # >= min_numel: the trackers see it
+        # >= min_numel and low-rank: the trackers hold a basis and examine every call
+        xs = torch.randn(4, 16, 3, generator=g) @ torch.randn(3, 32, generator=g)
         if step in (1, 3):
             xs[1, 2, 3] = float("nan") if step == 1 else float("-inf")
         loss = _loss(cmodel(xs))

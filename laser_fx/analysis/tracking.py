@@ -4,7 +4,7 @@ Two measurements per site slot, over its grad-enabled uses in order:
 
 1. `track_subspace`: start from the exact top-k basis of the first use; at every later use,
    run ``iters`` warm-started block power iterations from the previous basis (the library's
-   own `_subspace_iteration`, no oversampling, no reset) and compare with that use's exact
+   own `subspace_iteration`, no oversampling, no reset) and compare with that use's exact
    top-k subspace: sine of the largest principal angle and the energy lost against the
    optimum. This isolates the paper's claim (b) from the library's reset heuristics.
 2. `replay_tracker`: feed the same matrices to a fresh `SubspaceTracker` at a given
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._linalg import subspace_iteration
 from ..config import LaserConfig
-from ..tracker import SubspaceTracker, _subspace_iteration
+from ..tracker import SubspaceTracker
 from .spectra import principal_angles, subspace_energy, top_basis
 
 __all__ = ["replay_tracker", "track_subspace"]
@@ -53,7 +54,7 @@ def track_subspace(matrices: list[Tensor], k: int, iters: int) -> list[dict[str,
     for x in matrices[1:]:
         x = x.double()
         stale = subspace_energy(x, q)
-        q = _subspace_iteration(x, q, iters)
+        q = subspace_iteration(x, q, iters)
         exact = top_basis(x, k)
         angles = principal_angles(exact, q)
         gap = max(0.0, subspace_energy(x, exact) - subspace_energy(x, q))

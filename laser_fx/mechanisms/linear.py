@@ -42,9 +42,11 @@ class LinearOps(TorchFunctionMode):
                 if func in _LINEAR:
                     bias = args[2] if len(args) > 2 else kwargs.get("bias")
                     return compressed_linear(
-                        x, weight, bias, self.wrapper.tracker(name, int(x.shape[-1]), x))
+                        x, weight, bias, self.wrapper.tracker(name, int(x.shape[-1]), x),
+                        self.wrapper.stats)
                 return compressed_linear(  # X @ W == linear(X, Wᵀ)
-                    x, weight.t(), None, self.wrapper.tracker(name, int(weight.shape[0]), x))
+                    x, weight.t(), None, self.wrapper.tracker(name, int(weight.shape[0]), x),
+                    self.wrapper.stats)
         out = func(*args, **kwargs)
         self.origins.note(func, args, out)
         return out
@@ -62,16 +64,12 @@ class Linear(Mechanism):
 
     def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
         stats = wrapper.stats
-        before = {id(t): (int(t.stored_bytes), int(t.dense_bytes))
-                  for t in wrapper.trackers.values()}
+        dense_before = stats.dense_bytes
         seen: dict[int, weakref.ref] = {}
         kept = 0
 
-        def pack(t: Tensor) -> _Kept:
+        def pack(t: Tensor) -> _Kept:  # what the call saves besides the compressed inputs
             nonlocal kept
-            if any(t is trk.basis for trk in wrapper.trackers.values()):
-                stats._bases.setdefault(id(t), t)  # shared by records: counted once a step
-                return _Kept(t)
             storage = t.untyped_storage()
             ref = seen.get(id(storage))
             if not is_weight(t) and (ref is None or ref() is not storage):
@@ -83,13 +81,9 @@ class Linear(Mechanism):
             wrapper, wrapper.wrapped.named_parameters()
         ):
             out = wrapper.wrapped(*args, **kwargs)
-        # uncompressed: what the call kept, less what the trackers stored, plus what they got
-        stored = dense = 0
-        for t in wrapper.trackers.values():
-            s0, d0 = before.get(id(t), (0, 0))
-            stored += int(t.stored_bytes) - s0
-            dense += int(t.dense_bytes) - d0
-        stats.stored_bytes += kept
-        stats.uncompressed_bytes += kept - stored + dense
+        # the records and their bases are counted by `compressed_linear` (`add_packed`)
+        stats.seen_bytes += kept
+        stats.passthrough_bytes += kept
+        stats.uncompressed_bytes += kept + stats.dense_bytes - dense_before
         stats.calls += 1
         return out

@@ -10,13 +10,16 @@ mean ``m`` a centered record keeps). ``grad_input = dY W`` and
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LaserFxError
-from ..tracker import Packed, SubspaceTracker
+from ..packed import Packed, StorageStats
+from ..tracker import SubspaceTracker
+from .region import _Kept
 
 __all__ = ["compressed_linear"]
 
@@ -40,23 +43,38 @@ def _grad_weight(dy2: Tensor, packed: Packed, dtype: torch.dtype) -> Tensor:
     return g.to(dtype)
 
 
+class _Record:
+    """The record of one compressed linear's input, held as the pack result of an empty
+    saved "token" tensor: autograd frees it with the saved tensors (after a backward without
+    retain_graph, or with the graph), and the tracker may still revise it
+    (`SubspaceTracker.settle`) before backward reads it."""
+
+    __slots__ = ("__weakref__", "packed", "token")
+
+    def __init__(self) -> None:
+        self.packed: Packed | None = None
+        self.token: Tensor | None = None
+
+    @staticmethod
+    def unpack(saved: Any) -> Tensor:
+        return saved.token if isinstance(saved, _Record) else saved.get()
+
+
 class _CompressedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tracker: SubspaceTracker):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tracker: SubspaceTracker,
+                stats: StorageStats | None, box: _Record):
         out = F.linear(x, weight, bias)
-        packed = tracker.compress(x)
-        if packed.dense is not None:
-            # keep autograd's in-place modification check for the input we hold as it is
-            ctx.save_for_backward(weight, x)
-        else:
-            # saved tensors, not ctx attributes: autograd frees them after a backward without
-            # retain_graph and keeps them for a second backward with it
-            kept = (packed.coeffs, packed.basis) + (() if packed.mean is None else (packed.mean,))
-            ctx.save_for_backward(weight, *kept)
-            # x is not saved, so autograd cannot see it modified in place: check its version
-            # counter in backward (a view shares it with its base, which outlives the view)
-            ctx.source = (weakref.ref(x if x._base is None else x._base), x._version)
-        ctx.meta = (packed.shape, packed.dtype)
+        box.packed = tracker.compress(x)
+        if stats is not None:
+            stats.add_packed(x, box.packed)
+        box.token = torch.empty(0, device=x.device)
+        ctx.save_for_backward(weight, box.token)  # the token is packed as the box itself
+        ctx.box = weakref.ref(box)
+        ctx.tracker = tracker
+        # x is not saved, so autograd cannot see it modified in place: check its version
+        # counter in backward (a view shares it with its base, which outlives the view)
+        ctx.source = (weakref.ref(x if x._base is None else x._base), x._version)
         return out
 
     @staticmethod
@@ -68,22 +86,16 @@ class _CompressedLinear(torch.autograd.Function):
                 "wrong. Exclude this site from compression (`exclude=`) or call "
                 "backward without create_graph."
             )
-        source = getattr(ctx, "source", None)
-        x = None if source is None else source[0]()
-        if x is not None and x._version != source[1]:
+        x = ctx.source[0]()
+        if x is not None and x._version != ctx.source[1]:
             raise LaserFxError(
                 f"The input of shape {tuple(x.shape)} of a compressed linear was modified in "
-                f"place after the forward (version {source[1]} -> {x._version}); plain F.linear "
+                f"place after the forward (version {ctx.source[1]} -> {x._version}); plain F.linear "
                 "would raise too, as its gradients would no longer match the forward. Do the "
                 "in-place update after backward, or clone the tensor before modifying it."
             )
-        weight, *rest = ctx.saved_tensors
-        shape, dtype = ctx.meta
-        if len(rest) == 1:
-            packed = Packed(shape=shape, dtype=dtype, dense=rest[0])
-        else:
-            packed = Packed(shape=shape, dtype=dtype, coeffs=rest[0], basis=rest[1],
-                            mean=rest[2] if len(rest) == 3 else None)
+        weight, _ = ctx.saved_tensors  # unpacking needs the box: it is alive here
+        packed = ctx.tracker.decided(ctx.box().packed)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         if need_x:
@@ -93,11 +105,12 @@ class _CompressedLinear(torch.autograd.Function):
             grad_w = _grad_weight(dy2, packed, weight.dtype)
         if need_b:
             grad_b = dy2.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def compressed_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, tracker: SubspaceTracker
+    x: Tensor, weight: Tensor, bias: Tensor | None, tracker: SubspaceTracker,
+    stats: StorageStats | None = None,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` that saves its input through ``tracker``.
 
@@ -109,6 +122,7 @@ def compressed_linear(
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
         tracker: the site's `SubspaceTracker`.
+        stats: counts the record (`StorageStats.add_packed`), if given.
 
     Returns:
         ``F.linear(x, weight, bias)``, bitwise.
@@ -119,4 +133,10 @@ def compressed_linear(
     """
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
-    return _CompressedLinear.apply(x, weight, bias, tracker)
+    box = _Record()
+
+    def pack(t: Tensor) -> Any:
+        return box if t is box.token else _Kept(t)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _Record.unpack):
+        return _CompressedLinear.apply(x, weight, bias, tracker, stats, box)
