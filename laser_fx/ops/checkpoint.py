@@ -15,6 +15,25 @@ Safety, at least as strict as ``torch.utils.checkpoint``:
 * an input or a parameter modified in place between forward and backward raises in backward
   (version counters), instead of giving gradients at the new values;
 * the re-run does not update buffers a second time.
+
+Parameter gradients, like ``torch.utils.checkpoint``'s reentrant variant: under a plain
+``loss.backward()`` the re-run's backward accumulates them into each parameter's ``.grad``
+itself, one parameter at a time, and the checkpoint hands autograd only the gradients of its
+inputs, so no second full set of parameter gradients exists at once (for a block called n
+times, autograd would otherwise hold the running sum of the calls' gradients next to the set
+the current call computes). Where that would change what the caller sees, the gradients
+take autograd's path instead (returned by the checkpoint, added to ``.grad`` once after all
+calls): under ``torch.autograd.grad`` and ``backward(inputs=...)`` (they read or restrict
+the gradients autograd routes; ``torch.autograd._is_checkpoint_valid()`` tells), when a
+parameter has a tensor hook (``register_hook``, ``register_multi_grad_hook``) or a
+post-accumulate-grad hook (accumulating per call would run it once per call, on a partial
+gradient, and once more with None), when a parameter is not a leaf (its gradient must flow
+on through autograd), and for calls made inside a ``DistributedDataParallel`` forward (its
+reducer marks each parameter ready when its gradient is accumulated: once per backward).
+On autograd's path a parameter's tensor hooks run once, on the gradient summed over every
+use, as in the plain model: the re-run's ``autograd.grad`` runs with them suspended.
+Hooks registered on a parameter's gradient accumulator node itself cannot be seen; under a
+plain ``backward()`` they run once per block call (and once more with None).
 """
 
 from __future__ import annotations
@@ -98,8 +117,15 @@ def hidden_grad_tensors(obj: Any) -> list[str]:
     return [p for p, t in walk_tensors(obj) if t.requires_grad]
 
 
-def _undeclared_leaves(roots: Sequence[torch.Tensor], allowed: set[int]) -> list[torch.Tensor]:
-    """Leaves requiring grad that the re-run reaches but that are not Function inputs."""
+def _undeclared_leaves(roots: Sequence[torch.Tensor],
+                       declared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaves requiring grad that the re-run reaches but that are not Function inputs.
+
+    A declared tensor that is not a leaf (``params=[w]`` with ``w = base.t()``) ends the walk
+    where the graph reaches it: its gradient is returned, and autograd carries it on.
+    """
+    allowed = {id(t) for t in declared}
+    ends = {(id(t.grad_fn), t.output_nr) for t in declared if t.grad_fn is not None}
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     seen: set[int] = set()
     found: list[torch.Tensor] = []
@@ -113,8 +139,57 @@ def _undeclared_leaves(roots: Sequence[torch.Tensor], allowed: set[int]) -> list
             if id(var) not in allowed:
                 found.append(var)
             continue
-        stack.extend(n for n, _ in node.next_functions)
+        stack.extend(n for n, nr in node.next_functions if (id(n), nr) not in ends)
     return found
+
+
+def _inside_ddp_forward() -> bool:
+    """Whether this call runs inside the forward of a ``DistributedDataParallel`` module."""
+    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
+    return getattr(ddp, "_active_ddp_module", None) is not None
+
+
+def _accumulates_in_place(run: _Run, params: Sequence[torch.Tensor]) -> bool:
+    """Whether this backward may accumulate ``params``' gradients into ``.grad`` itself.
+
+    Only under a plain ``backward()`` (not ``autograd.grad``, not ``backward(inputs=...)``),
+    outside DDP, and when every parameter is a leaf without tensor or post-accumulate hooks:
+    then the result is the same as returning the gradients through autograd (module docstring).
+    """
+    if not torch.autograd._is_checkpoint_valid() or run.under_ddp:
+        return False
+    return all(
+        p.is_leaf
+        and not getattr(p, "_backward_hooks", None)
+        and not getattr(p, "_post_accumulate_grad_hooks", None)
+        for p in params
+    )
+
+
+@contextlib.contextmanager
+def _tensor_hooks_suspended(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The tensors' own gradient hooks (``register_hook``) do not run inside.
+
+    ``autograd.grad`` runs a tensor's hooks when it captures its gradient, so the re-run's
+    backward would run them on each call's partial gradient, and autograd runs them again on
+    the sum it routes to the tensor: a hook that scales the gradient scaled it twice. The
+    hooks live in ``_backward_hooks``, the dict autograd's hook object reads when it runs:
+    emptied here, refilled (in order) on the way out.
+    """
+    saved: list[tuple[dict, list]] = []
+    for t in {id(t): t for t in tensors}.values():
+        hooks = getattr(t, "_backward_hooks", None)
+        if hooks:
+            saved.append((hooks, list(hooks.items())))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            added = list(hooks.items())  # registered meanwhile: after the earlier ones
+            hooks.clear()
+            hooks.update(items)
+            hooks.update(added)
 
 
 class _Slot:
@@ -148,6 +223,7 @@ class _Run:
         self.out_spec: Any = None
         self.out_leaves: list[Any] = []
         self.versions: list[tuple[str, weakref.ref, int]] = []
+        self.under_ddp = _inside_ddp_forward()
 
     def capture_rng(self, tensors: Sequence[torch.Tensor]) -> None:
         if not self.preserve_rng:
@@ -292,7 +368,7 @@ class _CompressedCheckpoint(torch.autograd.Function):
         every = inputs + list(run.params)
         result: list[torch.Tensor | None] = [None] * (n + len(run.params))
         if pairs and wrt_idx:
-            stray = _undeclared_leaves([o for o, _ in pairs], {id(t) for t in every})
+            stray = _undeclared_leaves([o for o, _ in pairs], every)
             if stray:
                 shapes = ", ".join(str(tuple(t.shape)) for t in stray)
                 raise LaserFxError(
@@ -302,14 +378,26 @@ class _CompressedCheckpoint(torch.autograd.Function):
                     "`params=[...]`; a cache of an earlier call (Hugging Face use_cache=True) "
                     "does this: build the model with use_cache=False."
                 )
-            got = torch.autograd.grad(
-                [o for o, _ in pairs],
-                [every[i] for i in wrt_idx],
-                [g for _, g in pairs],
-                allow_unused=True,
-            )
-            for i, g in zip(wrt_idx, got, strict=True):
-                result[i] = g
+            roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
+            params = [every[i] for i in wrt_idx if i >= n]
+            if params and _accumulates_in_place(run, params):
+                # Like torch's reentrant checkpoint: the re-run's backward adds each parameter's
+                # gradient to its .grad as soon as it is computed, so at most one parameter's
+                # gradient of this call is alive beside .grad. The inputs are fresh leaves of
+                # this re-run: their .grad is this call's input gradient, handed to autograd.
+                wanted = [inputs[i] for i in wrt_idx if i < n]
+                unique = list({id(p): p for p in params}.values())
+                torch.autograd.backward(roots, root_grads, inputs=wanted + unique)
+                for i in wrt_idx:
+                    if i < n:
+                        result[i] = inputs[i].grad
+            else:
+                with _tensor_hooks_suspended(params):
+                    got = torch.autograd.grad(
+                        roots, [every[i] for i in wrt_idx], root_grads, allow_unused=True
+                    )
+                for i, g in zip(wrt_idx, got, strict=True):
+                    result[i] = g
         return (None, *result)
 
 
@@ -373,8 +461,11 @@ def compressed_checkpoint(
     each output tensor requires grad exactly when it does from ``fn`` itself. Backward
     reconstructs the tensor inputs from their packs, re-runs ``fn`` with grad enabled and the
     forward's RNG/autocast state (buffers of ``fn``, e.g. BatchNorm statistics, are put back
-    after the re-run), and returns gradients for the inputs and for ``params``, so
-    ``torch.autograd.grad(loss, params)`` works as well as ``.backward()``. With grad
+    after the re-run), and computes the gradients of the inputs and of ``params``: under a
+    plain ``.backward()`` the parameter gradients are accumulated into ``.grad`` during the
+    re-run's backward (no second full set of them at once); ``torch.autograd.grad(loss,
+    params)``, ``backward(inputs=...)``, parameters with gradient hooks and DDP get them
+    through autograd, as from the plain block (see the module docstring). With grad
     disabled, or when no input nor parameter requires grad, this is a plain call.
 
     Args:
