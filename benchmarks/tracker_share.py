@@ -1,0 +1,402 @@
+"""Tracker share: what the trackers cost in an eager training step, against their ideal.
+
+Issue 15's eager must-show, measured: "tracker time <= 2x its ideal (the projections alone) in
+every mode; tracker share of the step <= 2% (auto), <= 10% (region), <= 5% (linear) at
+D >= 128". For each width D, the TRM attention model (examples/trm, random init, batch of
+generated 7x7 mazes) is compressed once per mode (``LaserConfig(mode=...)``, deep copies of the
+same weights) and trained with AdamW (lr 1e-3, an optimizer step after every step, so the
+weights move as in training). The modes' steps are interleaved (order alternating per round);
+the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measured:
+
+- step: forward + backward of the TRM loss (the optimizer step is not timed);
+- tracker: wall time inside `SubspaceTracker.compress` / ``decompress`` / ``settle`` (the ones
+  the class has), outermost calls only (a tracker method calling another counts once);
+- ideal: for every compress call of the step that stored coefficients, the time of just
+  ``C = X @ Q`` (X: ``(N, width)`` fp32, Q: ``(width, k)``) and ``C @ Qᵀ`` for its shapes
+  (random tensors, median of ``--ideal-reps``, timed after the steps); dense records: 0;
+- resets and power updates: differences of ``tracker.stats()`` over the step, summed over the
+  model's trackers (`laser_fx.report.compressed_sites`: wrappers and parameter sites);
+- host reads: calls of ``Tensor.item`` / ``__float__`` / ``__int__`` / ``__bool__`` /
+  ``__index__`` / ``tolist`` made inside a tracker method (each is a device synchronisation on
+  a GPU), and over the whole step.
+
+Prints a Markdown table (medians, with the IQR of step time and share; counts are means per
+step); ``--out PATH.md`` also writes it there and the records to ``PATH.jsonl``. About 3
+minutes on 1 thread of a loaded 2-core CPU with the defaults (191 s measured):
+
+    PYTHONPATH=. python benchmarks/tracker_share.py [--modes auto region linear] [--d 128 256]
+        [--steps 10] [--warmup 5] [--threads 1] [--out results/tracker_share.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import laser_fx
+from laser_fx.report import compressed_sites
+from laser_fx.tracker import SubspaceTracker
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `examples` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import _quantiles, machine, sync, trm_workload  # noqa: E402
+from benchmarks.frontier import write_jsonl  # noqa: E402
+
+__all__ = ["COLUMNS", "GOALS", "MODES", "TrackerProbe", "ideal_seconds", "main",
+           "markdown_table", "tracker_counters"]
+
+MODES = ("auto", "region", "linear")
+#: issue 15's eager goals: largest tracker share of the step per mode (at D >= 128), and the
+#: largest tracker / ideal ratio in every mode
+GOALS = {"share": {"auto": 0.02, "region": 0.10, "linear": 0.05}, "ratio": 2.0, "min_d": 128}
+#: tracker methods timed (those the class has; ``settle`` comes with the tracker rewrite)
+TIMED = ("compress", "decompress", "settle")
+#: tensor methods that copy a value back to the host
+HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
+#: stats() counters reported per step
+COUNTERS = ("resets", "power_updates")
+COLUMNS = ("mode", "D", "step ms [IQR]", "tracker ms/step", "tracker share [IQR]",
+           "ideal ms/step", "tracker / ideal", "compress calls/step", "resets/step",
+           "power updates/step", "host reads/step in trackers (whole step)", "goals")
+_MISSING = object()
+
+
+class TrackerProbe:
+    """While entered: times tracker methods, counts host reads, records compress shapes.
+
+    Patches the methods of `TIMED` that `SubspaceTracker` (and subclasses defining their own)
+    has, and the `HOST_READS` methods of ``torch.Tensor``; exiting puts the originals back.
+    Only the outermost tracker call is timed, so nested calls (``settle`` calling
+    ``compress``) count once; every compress call's record shape is kept.
+
+    Attributes:
+        seconds: wall time inside tracker methods since `begin`.
+        host_reads: host reads made inside a tracker method since `begin`.
+        all_reads: host reads made anywhere while entered, since `begin`.
+        calls: outermost tracker method calls by name, since `begin`.
+        records: what each compress call returned since `begin` (kept until the next
+            `begin`, so that `shapes` and `dense` see a record revised after its call).
+
+    Example::
+
+        probe = TrackerProbe()
+        with probe:
+            loss_fn(model(x)).backward()
+        print(probe.seconds, probe.host_reads, probe.shapes)
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._depth = 0
+        self._reading = False
+        self._saved: list[tuple[type, str, Any]] = []
+        self.begin()
+
+    def begin(self) -> None:
+        """Zero the counts (call before each measured step)."""
+        self.seconds = 0.0
+        self.host_reads = 0
+        self.all_reads = 0
+        self.calls: Counter[str] = Counter()
+        self.records: list[Any] = []
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """``(N, width, k)`` of each record stored as coefficients."""
+        out = []
+        for p in self.records:
+            if not _is_dense(p):
+                width, k = p.basis.shape[-2], p.basis.shape[-1]
+                out.append((p.coeffs.numel() // max(p.coeffs.shape[-1], 1), width, k))
+        return [(int(n), int(w), int(k)) for n, w, k in out]
+
+    @property
+    def dense(self) -> int:
+        """Records stored dense (their ideal cost is 0)."""
+        return sum(map(_is_dense, self.records))
+
+    # ------------------------------------------------------------------ patching
+    def _patch(self, cls: type, name: str, make: Callable[[Any], Any]) -> None:
+        own = cls.__dict__.get(name, _MISSING)
+        self._saved.append((cls, name, own))
+        setattr(cls, name, make(getattr(cls, name)))
+
+    def __enter__(self) -> TrackerProbe:
+        if self._saved:
+            raise RuntimeError("TrackerProbe is already entered; it does not nest.")
+        classes = [SubspaceTracker]
+        for cls in classes:  # subclasses overriding a method get theirs wrapped too
+            classes.extend(c for c in cls.__subclasses__() if c not in classes)
+        for cls in classes:
+            for name in TIMED:
+                if (name in cls.__dict__ if cls is not SubspaceTracker
+                        else hasattr(cls, name)):
+                    self._patch(cls, name, lambda fn, name=name: self._timed(name, fn))
+        for name in HOST_READS:
+            self._patch(torch.Tensor, name, self._counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, name, own in reversed(self._saved):
+            if own is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
+        self._saved.clear()
+        self._depth = 0
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(tracker: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._depth:  # inside an outer tracker call: its time is already counted
+                self._depth += 1
+                try:
+                    out = fn(tracker, *args, **kwargs)
+                finally:
+                    self._depth -= 1
+            else:
+                sync(self.device)
+                t0 = time.perf_counter()
+                self._depth = 1
+                try:
+                    out = fn(tracker, *args, **kwargs)
+                finally:
+                    self._depth = 0
+                    sync(self.device)
+                    self.seconds += time.perf_counter() - t0
+                self.calls[name] += 1
+            if name == "compress":
+                self.records.append(out)
+            return out
+
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+
+    def _counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def read(t: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._reading:  # a read implemented by another read counts once
+                return fn(t, *args, **kwargs)
+            self._reading = True
+            try:
+                self.all_reads += 1
+                self.host_reads += self._depth > 0
+                return fn(t, *args, **kwargs)
+            finally:
+                self._reading = False
+
+        return read
+
+
+
+def _is_dense(packed: Any) -> bool:
+    return (getattr(packed, "coeffs", None) is None or getattr(packed, "basis", None) is None
+            or getattr(packed, "dense", None) is not None)
+
+
+def tracker_counters(model: nn.Module) -> dict[int, dict[str, int]]:
+    """``id(tracker) -> {counter: value}`` (`COUNTERS` of ``stats()``) for every tracker of
+    ``model``'s compressed sites (missing counters read 0)."""
+    out: dict[int, dict[str, int]] = {}
+    for store in compressed_sites(model):
+        for trk in getattr(store, "trackers", {}).values():
+            stats = trk.stats()
+            out[id(trk)] = {c: int(stats.get(c, 0)) for c in COUNTERS}
+    return out
+
+
+def _counter_deltas(before: dict[int, dict[str, int]],
+                    after: dict[int, dict[str, int]]) -> dict[str, int]:
+    # a tracker created during the step counts from 0
+    return {c: sum(v[c] - before.get(i, {}).get(c, 0) for i, v in after.items())
+            for c in COUNTERS}
+
+
+def ideal_seconds(shapes: Iterable[tuple[int, int, int]], *, reps: int = 9,
+                  device: str = "cpu", seed: int = 0) -> dict[tuple[int, int, int], float]:
+    """Seconds of ``X @ Q`` plus ``C @ Qᵀ`` (fp32, random tensors) for each distinct
+    ``(N, width, k)`` of ``shapes``: the median of ``reps`` timed runs after one warm-up."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[tuple[int, int, int], float] = {}
+    for n, width, k in dict.fromkeys(shapes):
+        x = torch.randn(n, width, generator=gen).to(device)
+        q = torch.randn(width, k, generator=gen).to(device)
+        times = []
+        for r in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            c = x @ q
+            c @ q.T
+            sync(device)
+            if r:
+                times.append(time.perf_counter() - t0)
+        out[(n, width, k)] = statistics.median(times)
+    return out
+
+
+def _median_iqr(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return (values[0],) * 3
+    q = statistics.quantiles(values, n=4)
+    return statistics.median(values), q[0], q[2]
+
+
+def _goal_marks(row: dict[str, Any]) -> str:
+    if row["D"] < GOALS["min_d"]:
+        return "-"
+    share_goal = GOALS["share"][row["mode"]]
+    marks = [f"share<={100 * share_goal:.0f}% "
+             + ("ok" if row["tracker_share"] <= share_goal else "MISSED")]
+    if row["ratio"] is not None:
+        marks.append(f"ratio<={GOALS['ratio']:.0f}x "
+                     + ("ok" if row["ratio"] <= GOALS["ratio"] else "MISSED"))
+    return ", ".join(marks)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (mode, D) with the `COLUMNS`."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        lines.append(
+            f"| {r['mode']} | {r['D']} | {r['step_ms']:.0f} [{r['q25_ms']:.0f}-{r['q75_ms']:.0f}]"
+            f" | {r['tracker_ms']:.1f} | {100 * r['tracker_share']:.1f}% "
+            f"[{100 * r['share_q25']:.1f}-{100 * r['share_q75']:.1f}] | {r['ideal_ms']:.2f} | "
+            f"{ratio} | {r['calls']:.1f} | {r['resets']:.1f} | {r['power_updates']:.1f} | "
+            f"{r['host_reads']:.0f} ({r['all_reads']:.0f}) | {_goal_marks(r)} |")
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--d", type=int, nargs="+", default=[128, 256], help="TRM widths D")
+    p.add_argument("--n", type=int, default=6, help="TRM z-updates per cycle")
+    p.add_argument("--T", type=int, default=3, help="TRM cycles (the last one with grad)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="measured steps per mode")
+    p.add_argument("--warmup", type=int, default=5, help="steps skipped first (per mode)")
+    p.add_argument("--ideal-reps", type=int, default=9, help="timed runs per ideal shape")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="", help="Markdown file; records go to the same path "
+                   "with .jsonl ('' : print only)")
+    p.add_argument("--note", default="", help="a line written under the table (machine load)")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        p.error(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
+    return a
+
+
+def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, Any]]]:
+    w = trm_workload(mixer="attn", d=d, n=a.n, T=a.T, batch=a.batch)
+    w.to(a.device)
+    models = {m: w.compress(copy.deepcopy(w.model), laser_fx.LaserConfig(mode=m))
+              for m in a.modes}
+    opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-3)
+            for m, mod in models.items()}
+    probe = TrackerProbe(a.device)
+    per_step: dict[str, list[dict[str, Any]]] = {m: [] for m in a.modes}
+    for r in range(a.warmup + a.steps):
+        for mode in a.modes if r % 2 == 0 else a.modes[::-1]:
+            model, opt = models[mode], opts[mode]
+            opt.zero_grad(set_to_none=True)
+            measured = r >= a.warmup
+            before = tracker_counters(model) if measured else {}
+            probe.begin()
+            with probe if measured else contextlib.nullcontext():
+                sync(a.device)
+                t0 = time.perf_counter()
+                w.loss(w.run(model)).backward()
+                sync(a.device)
+                seconds = time.perf_counter() - t0
+            opt.step()
+            if measured:
+                per_step[mode].append({
+                    "step_s": seconds, "tracker_s": probe.seconds,
+                    "shapes": Counter(probe.shapes), "dense": probe.dense,
+                    "calls": probe.calls["compress"], "host_reads": probe.host_reads,
+                    "all_reads": probe.all_reads,
+                    **_counter_deltas(before, tracker_counters(model))})
+            probe.begin()  # drop the step's records
+    rows = []
+    for mode, steps in per_step.items():
+        cost = ideal_seconds([s for st in steps for s in st["shapes"]], reps=a.ideal_reps,
+                             device=a.device)
+        ideals = [sum(n * cost[s] for s, n in st["shapes"].items()) for st in steps]
+        shares = [st["tracker_s"] / st["step_s"] for st in steps]
+        ratios = [st["tracker_s"] / i for st, i in zip(steps, ideals, strict=True) if i > 0]
+        share, s25, s75 = _median_iqr(shares)
+        def mean(key: str, steps: list[dict[str, Any]] = steps) -> float:
+            return statistics.fmean(st[key] for st in steps)
+
+        times = _quantiles([st["step_s"] for st in steps])
+        rows.append({
+            "mode": mode, "D": d, **times,
+            "tracker_ms": 1e3 * statistics.median(st["tracker_s"] for st in steps),
+            "tracker_share": share, "share_q25": s25, "share_q75": s75,
+            "ideal_ms": 1e3 * statistics.median(ideals),
+            "ratio": statistics.median(ratios) if ratios else None,
+            "calls": mean("calls"), "dense_calls": mean("dense"),
+            "resets": mean("resets"), "power_updates": mean("power_updates"),
+            "host_reads": mean("host_reads"), "all_reads": mean("all_reads"),
+            "host_reads_per_call": (sum(st["host_reads"] for st in steps)
+                                    / max(sum(st["calls"] for st in steps), 1)),
+            "shapes": sorted({f"{n}x{wd}x{k}" for st in steps for (n, wd, k) in st["shapes"]}),
+            "steps": len(steps),
+        })
+    return w.name, rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; returns one row per (mode, D) (keys as in the JSON lines)."""
+    a = _parse(argv)
+    torch.set_num_threads(a.threads)
+    where = machine()
+    print(f"machine: {where}; device {a.device}")
+    rows: list[dict[str, Any]] = []
+    names = []
+    jsonl = str(Path(a.out).with_suffix(".jsonl")) if a.out else None
+    for d in a.d:
+        name, got = _measure_width(a, d)
+        names.append(name)
+        rows.extend(got)
+        for r in got:
+            write_jsonl(jsonl, "tracker_share", {"workload": name, "args": vars(a),
+                                                 "machine": where, **r},
+                        fresh=r is rows[0])
+        print(f"\n### {name}\n\n{markdown_table(got)}", flush=True)
+    if a.out:
+        cmd = "PYTHONPATH=. python benchmarks/tracker_share.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv)
+        text = "\n\n".join([
+            "# Tracker share of an eager training step (issue 15)",
+            f"`{cmd}` ({datetime.date.today()})",
+            f"Machine: {where}; device {a.device}." + (f" {a.note}" if a.note else ""),
+            f"Models: {'; '.join(names)}; AdamW lr 1e-3 between steps; {a.warmup} warm-up "
+            f"step(s) skipped, {a.steps} measured per mode, modes interleaved.",
+            "Step: forward + backward (optimizer step not timed). Tracker: time inside "
+            "`SubspaceTracker` compress/decompress/settle (outermost calls). Ideal: `X @ Q` + "
+            "`C @ Qᵀ` for every compress call's shapes (fp32, dense records 0). Medians over "
+            "steps [IQR]; counts are means per step; host reads: `item`/`__float__`/`__int__`/"
+            "`__bool__`/`__index__`/`tolist` inside tracker methods (whole step).",
+            markdown_table(rows), ""])
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+        print(f"\nwritten: {a.out}, {jsonl}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

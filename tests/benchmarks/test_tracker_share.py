@@ -1,0 +1,92 @@
+"""benchmarks/tracker_share.py: its probe (tracker time counted once, host reads inside tracker
+methods only, compress shapes recorded) and the script end to end on a tiny TRM (D=32, one
+mode, one measured step). Step times on a shared box are not checked, only their relations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import tracker_share
+from laser_fx import LaserConfig
+from laser_fx.tracker import SubspaceTracker
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracker_share") / "share.md"
+    rows = tracker_share.main(["--modes", "region", "--d", "32", "--n", "2", "--T", "2",
+                               "--batch", "2", "--steps", "1", "--warmup", "1",
+                               "--ideal-reps", "2", "--out", str(out)])
+    return rows, out
+
+
+def test_table_has_the_columns_and_sane_values(run):
+    rows, out = run
+    (row,) = rows
+    assert (row["mode"], row["D"], row["steps"]) == ("region", 32, 1)
+    table = tracker_share.markdown_table(rows)
+    header = table.splitlines()[0]
+    assert all(col in header for col in tracker_share.COLUMNS), header
+    assert 0.0 < row["tracker_share"] < 1.0, row
+    assert 0.0 < row["tracker_ms"] <= row["step_ms"], row
+    assert row["ideal_ms"] >= 0.0 and row["calls"] > 0, row
+    assert row["resets"] >= 0 and row["power_updates"] >= 0, row
+    assert 0 <= row["host_reads"] <= row["all_reads"], row
+    assert row["ratio"] is None or row["ratio"] > 0, row
+    assert table in out.read_text()
+    (rec,) = [json.loads(ln) for ln in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert rec["script"] == "tracker_share" and rec["mode"] == "region"
+
+
+def test_probe_counts_host_reads_inside_tracker_methods_only(monkeypatch):
+    t = torch.tensor(1.5)
+
+    def reads_four(self, p):
+        float(t), int(t), t.item(), bool(t)
+        return p
+
+    monkeypatch.setattr(SubspaceTracker, "decompress", reads_four)
+    probe = tracker_share.TrackerProbe()
+    with probe:
+        float(t)  # outside any tracker method: the step's count only
+        SubspaceTracker(4, LaserConfig()).decompress(None)
+    assert (probe.host_reads, probe.all_reads, probe.calls["decompress"]) == (4, 5, 1)
+    assert SubspaceTracker.decompress is reads_four  # the class got its method back
+    assert float(t) == 1.5 and "__float__" not in torch.Tensor.__dict__
+
+
+def test_probe_times_nested_calls_once_and_wraps_settle(monkeypatch):
+    # a fake clock that moves only inside the tracker methods: 1 s in each
+    now = [0.0]
+    monkeypatch.setattr(tracker_share.time, "perf_counter", lambda: now[0])
+
+    def settle(self):  # arrives with the tracker rewrite: wrapped when the class has it
+        now[0] += 1.0
+        return self.decompress(None)
+
+    def decompress(self, p):
+        now[0] += 1.0
+
+    monkeypatch.setattr(SubspaceTracker, "settle", settle, raising=False)
+    monkeypatch.setattr(SubspaceTracker, "decompress", decompress)
+    probe = tracker_share.TrackerProbe()
+    with probe:
+        SubspaceTracker(4, LaserConfig()).settle()
+    assert probe.seconds == 2.0  # 3.0 would count the nested decompress twice
+    assert dict(probe.calls) == {"settle": 1}
+
+
+def test_probe_records_compress_shapes():
+    trk = SubspaceTracker(16, LaserConfig(rank=3))
+    x = torch.randn(4, 50, 16)
+    with tracker_share.TrackerProbe() as probe:
+        packed = trk.compress(x)
+    if packed.coeffs is None:  # stored dense
+        assert (probe.shapes, probe.dense) == ([], 1)
+    else:
+        assert probe.shapes == [(200, 16, packed.basis.shape[1])]
+    cost = tracker_share.ideal_seconds([(200, 16, 3)] * 2, reps=2)
+    assert list(cost) == [(200, 16, 3)] and cost[(200, 16, 3)] > 0
