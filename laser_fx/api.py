@@ -21,7 +21,7 @@ from .param_site import ParamSite, param_sites_of
 from .probe import Probe, _as_tuple, probe, run_model
 from .report import _GRANULARITY, _SKIPPED, compressed_sites
 from .sites import Site, SiteSelector, select
-from .wrapper import SiteWrapper, _StepHook
+from .wrapper import SiteWrapper, _StepHook, forward_origin
 
 __all__ = ["VerifyError", "compress", "is_compressed", "strip"]
 
@@ -247,7 +247,9 @@ def compress(
         if site.param is not None:
             ParamSite(site, model.get_parameter(site.param), cfg).attach(module)
         else:
-            _replace(model, module, SiteWrapper(module, site, mechanism, cfg))
+            wrapper = SiteWrapper(module, site, mechanism, cfg)
+            wrapper.root = forward_origin(model)
+            _replace(model, module, wrapper)
     target = next((c.target_cosine for _, _, c in plan.chosen if c.target_cosine is not None),
                   None)
     every = next((c.recalibrate_every for _, _, c in plan.chosen if c.recalibrate_every), None)

@@ -77,6 +77,11 @@ class LaserConfig:
             least this (`laser_fx.calibrate`); ``energy`` is then only the starting point.
         recalibrate_every: with ``target_cosine``, calibrate again every this many training
             forwards (on the example inputs given to `compress`), as the model trains.
+        compile_backend: when the model runs under ``torch.compile``, each grad-enabled call
+            of a checkpointed block is one opaque call in the compiled graph, and the block
+            itself runs compiled with this backend (its forward, and its re-run and backward
+            in the compressed checkpoint's backward); None runs the block eagerly there.
+            Mechanisms ``"region"`` and ``"linear"`` always run their calls eagerly.
         per_site: ``{regex: LaserConfig}`` overrides; the first regex that fully matches a
             site name (``re.fullmatch``) gives that site's whole config (fields are not
             inherited from the outer config); overrides cannot nest.
@@ -100,6 +105,7 @@ class LaserConfig:
     granularity: str = "auto"
     target_cosine: float | None = None
     recalibrate_every: int | None = None
+    compile_backend: str | None = "inductor"
     # hash=False: a dict is unhashable; equal configs still hash equal without it
     per_site: Mapping[str, LaserConfig] = field(default_factory=dict, hash=False)
     version: int = 1
@@ -143,6 +149,10 @@ class LaserConfig:
             if self.target_cosine is None:
                 raise ConfigError("`recalibrate_every` needs `target_cosine` (what to calibrate "
                                   "for); set both, or neither.")
+        if self.compile_backend is not None and (
+                not isinstance(self.compile_backend, str) or not self.compile_backend):
+            raise _bad("compile_backend", "must be None or a torch.compile backend name",
+                       self.compile_backend)
         if self.granularity not in GRANULARITIES:
             raise _bad("granularity", f"must be one of {GRANULARITIES}", self.granularity)
         if self.store_dtype not in _STORE_DTYPES:

@@ -120,8 +120,10 @@ class StorageStats:
 
     @property
     def basis_bytes(self) -> int:
-        """Bytes of the distinct bases the packs refer to."""
-        return sum(nbytes(b) for b in self._bases.values())
+        """Bytes of the distinct basis storages the packs refer to (a basis shrunk to a
+        prefix of its columns is a view of the same storage)."""
+        return sum(b.untyped_storage().nbytes() if isinstance(b, Tensor) else nbytes(b)
+                   for b in self._bases.values())
 
     @property
     def total_stored_bytes(self) -> int:
@@ -131,7 +133,7 @@ class StorageStats:
     def _ref_basis(self, basis: Any, delta: int) -> None:
         if basis is None:
             return
-        key = id(basis)
+        key = basis.untyped_storage().data_ptr() if isinstance(basis, Tensor) else id(basis)
         self._bases.setdefault(key, basis)
         self._refs[key] = self._refs.get(key, 0) + delta
         if self._refs[key] <= 0:

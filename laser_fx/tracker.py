@@ -12,8 +12,8 @@ backward reads it: warm-started block subspace iteration refines Q (Ritz values 
 activation is re-projected, so every stored record keeps at least the trigger's share.
 
 Slow paths stay rare by construction: a basis is built to keep half of what the trigger
-allows to be dropped (``energy`` 0.999 builds at 0.9995), and ranks change in steps of up to
-8 columns, so the next, slightly different activation still clears the trigger. Every basis
+allows to be dropped (``energy`` 0.999 builds at 0.9995), so the next, slightly different
+activation still clears the trigger. Every basis
 change assigns a NEW tensor to ``basis``, so each record keeps exactly the basis version it
 was projected with.
 """
@@ -45,8 +45,6 @@ _SEED = 0x1A5E2
 #: a basis is built to drop at most this share of what the trigger allows to be dropped
 #: (hysteresis between the build target and the refine trigger)
 _HYSTERESIS = 0.5
-#: ranks change in steps of ``width // 16`` columns, at most this many
-_MAX_STEP = 8
 #: in energy mode, coefficients above this fraction of the dense bytes are not worth the
 #: tracking: store dense and skip the next `_BACKOFF` calls (high-rank activations, e.g. at
 #: random init, would otherwise pay a basis update on every call for a small saving). Each
@@ -297,17 +295,8 @@ class SubspaceTracker(nn.Module):
             basis, coeffs, fid = self._reset(xc, total)
         return self._store(x, basis, coeffs, mean, fid, new_basis=True)
 
-    @property
-    def rank_step(self) -> int:
-        """Ranks chosen from energies are multiples of this (``width // 16``, 1 to 8)."""
-        return max(1, min(_MAX_STEP, self.width // 16))
-
     def _cap(self) -> int:
         return min(self.width, self.config.max_rank or self.width)
-
-    def _round(self, k: int) -> int:
-        """``k`` rounded up to the rank step (and capped), so ranks change in steps."""
-        return min(self._cap(), -(-k // self.rank_step) * self.rank_step)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # A private, seeded generator: the tracker must not consume the global RNG stream,
@@ -333,7 +322,7 @@ class SubspaceTracker(nn.Module):
     def _power_update(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float] | None:
         """Warm-started block subspace iteration on ``[Q, random]``; None if not enough."""
         k = self.basis.shape[1]
-        extra = min(max(self.config.oversample, self.rank_step), self.width - k)
+        extra = min(self.config.oversample, self.width - k)
         start = self.basis
         if extra > 0:
             start = torch.cat([self.basis, self._random(self.width, extra, xc)], dim=1)
@@ -354,13 +343,13 @@ class SubspaceTracker(nn.Module):
         return basis[:, :keep], coeffs[:, :keep], fid
 
     def _reset(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
-        """Rebuild the basis: smallest k (in rank steps) keeping the build target, or the
+        """Rebuild the basis: smallest k keeping the build target, or the
         fixed rank. Exact from the Gram matrix up to width `_EXACT_MAX`, randomized above."""
         self.resets += 1
         n, d = xc.shape
         fixed = self.config.target_rank(d)
         target = self.build_target()
-        p = max(self.config.oversample, self.rank_step)
+        p = self.config.oversample
         q = (fixed if fixed is not None else max(2 * self.basis.shape[1], 16)) + p
         basis = None
         while d > _EXACT_MAX and 2 * q <= min(n, d):
@@ -398,31 +387,31 @@ class SubspaceTracker(nn.Module):
         else:
             budget = (1.0 - target + _TAIL_FLOOR) * float(energies.sum())
             tail = energies.sum() - torch.cumsum(energies, 0)  # tail[k-1]: dropped keeping k
-            k = self._round(int(torch.nonzero(tail <= budget)[0]) + 1)
+            k = min(self._cap(), int(torch.nonzero(tail <= budget)[0]) + 1)
         return vecs[:, : min(k, vecs.shape[1])]
 
     def _pick_prefix(self, energies: Tensor, total: float, target: float) -> int | None:
-        """Smallest k (rank-stepped) whose leading energies reach ``target * total``."""
+        """Smallest k whose leading energies reach ``target * total``."""
         need = min(target, 1.0 - _TAIL_FLOOR) * total
         hits = torch.nonzero(torch.cumsum(energies, 0) >= need)
         if hits.numel() == 0:
             return None
-        return min(self._round(int(hits[0]) + 1), energies.numel())
+        return min(self._cap(), int(hits[0]) + 1, energies.numel())
 
     def _shrink(self, energies: list[float], total: float) -> None:
         """Drop trailing columns the last activation did not need (energy mode only)."""
         k = len(energies)
-        if self.config.rank is not None or k <= self.rank_step or total <= 0.0:
+        if self.config.rank is not None or k <= 1 or total <= 0.0:
             return
         need, acc, keep = min(self.build_target(), 1.0 - _TAIL_FLOOR) * total, 0.0, k
         for i, e in enumerate(energies):  # columns are ordered by energy (Ritz/Gram order)
             acc += e
             if acc >= need:
-                keep = self._round(i + 1)
+                keep = min(self._cap(), i + 1)
                 break
-        if keep < k:
+        if keep < k:  # a view: its storage is pinned by the records made with it anyway
             self.shrinks += 1
-            self.basis = _compact(self.basis[:, :keep])
+            self.basis = self.basis[:, :keep]
             self.rank.fill_(keep)
 
     def _note(self, fid: float) -> None:

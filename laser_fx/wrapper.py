@@ -15,6 +15,8 @@ device on its next call). ``copy.deepcopy`` and pickling carry them along.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from typing import Any
 
 import torch
@@ -25,18 +27,45 @@ from .ops.checkpoint import is_recomputing
 from .sites import Site
 from .tracker import StorageStats, SubspaceTracker
 
-__all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step", "tracker_stores"]
+__all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step", "call_site", "forward_origin",
+           "tracker_stores"]
 
 #: attribute under which a wrapper holds the original module (hidden from state dicts)
 WRAPPED = "_laser_fx_module"
 _PREFIX = WRAPPED + "."
 #: attributes a `SiteWrapper` keeps for itself; every other write goes to the wrapped module
 _OWN = frozenset({"site", "mechanism", "config", "stats", "trackers", "bypass", "calibration",
-                  "slot_energy", "role", "step_calls"})
+                  "slot_energy", "role", "step_calls", "roles", "root"})
 #: separates a slot from its role in a tracker's key (``"in0@3"``)
 _ROLE = "@"
-#: calls beyond this many in one step share the last position's trackers
-_MAX_ROLES = 128
+#: call sites beyond this many share the last role's trackers
+_MAX_ROLES = 32
+#: user frames (outside torch and laser_fx) that make a call site
+_SITE_FRAMES = 4
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+
+
+def call_site(root: tuple[str, int] | None = None) -> tuple[tuple[str, int], ...]:
+    """Where the current call comes from: the innermost `_SITE_FRAMES` frames of user code
+    (files outside torch and laser_fx), as ``(file, line)`` pairs, up to the compressed
+    model's own forward (``root``: its ``(file, first line)``), so that who calls the model
+    (a training loop, a measurement) does not matter. A recursion written as
+    ``z = net(z, y + x)`` in a loop and ``y = net(y, z)`` after it has two call sites."""
+    frame, site = sys._getframe(1), []
+    while frame is not None and len(site) < _SITE_FRAMES:
+        code = frame.f_code
+        if not code.co_filename.startswith(_INTERNAL):
+            site.append((code.co_filename, frame.f_lineno))
+            if (code.co_filename, code.co_firstlineno) == root:
+                break
+        frame = frame.f_back
+    return tuple(site)
+
+
+def forward_origin(model: nn.Module) -> tuple[str, int] | None:
+    """``(file, first line)`` of ``model``'s forward (`call_site`'s ``root``)."""
+    code = getattr(type(model).forward, "__code__", None)
+    return None if code is None else (code.co_filename, code.co_firstlineno)
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -64,10 +93,14 @@ class TrackerStore:
     calibration: Any = None
     #: per-slot energies chosen by `laser_fx.calibrate` (slots not listed use ``config``)
     slot_energy: dict[str, float] | None = None
-    #: the role of the call in progress (its position among the step's calls), or None
+    #: the role of the call in progress (an index of its call site), or None
     role: int | None = None
     #: grad-enabled calls of the site since the step began
     step_calls: int = 0
+    #: ``{call site: role}`` (`call_site`)
+    roles: dict[tuple, int] | None = None
+    #: the compressed model's forward (`forward_origin`): call sites stop there
+    root: tuple[str, int] | None = None
 
     def slot_config(self, slot: str) -> LaserConfig:
         """The config of ``slot``'s tracker: the site's, with a calibrated energy if any."""
@@ -82,9 +115,10 @@ class TrackerStore:
 
     def tracker(self, slot: str, width: int, like: Tensor) -> SubspaceTracker:
         """The tracker of ``slot`` in the current call's role (created, or re-created when
-        the width changed). A role is the call's position in the step: the calls of a
-        recursion differ by position (TRM's z-updates and y-update take different inputs),
-        and one basis per position keeps each tracked from the same position a step ago."""
+        the width changed). A role is the call's site in the user's code: TRM's z-updates
+        (one line, in a loop) and its y-update (another line) take inputs of different
+        subspaces and get one basis each, while successive calls from one line, which
+        resemble each other most, share theirs."""
         key = slot if self.role is None else f"{slot}{_ROLE}{self.role}"
         trk = self.trackers.get(key)
         if trk is None or trk.width != width:
@@ -95,8 +129,14 @@ class TrackerStore:
         return trk
 
     def next_role(self) -> None:
-        """A grad-enabled call begins: it takes the next position of the step."""
-        self.role = min(self.step_calls, _MAX_ROLES - 1)
+        """A grad-enabled call begins: its role is its call site's (`call_site`)."""
+        if self.roles is None:
+            self.roles = {}
+        site = call_site(self.root)
+        role = self.roles.get(site)
+        if role is None:
+            role = self.roles[site] = min(len(self.roles), _MAX_ROLES - 1)
+        self.role = role
         self.step_calls += 1
 
     def settle(self) -> None:
@@ -116,6 +156,7 @@ class TrackerStore:
         self.trackers = {}
         self.stats = StorageStats()
         self.step_calls = 0
+        self.roles = None
 
 
 class SiteWrapper(TrackerStore, nn.Module):
@@ -183,8 +224,35 @@ class SiteWrapper(TrackerStore, nn.Module):
         module = self.wrapped
         if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             return module(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self._opaque_call(args, kwargs)
         self.next_role()
         return self.mechanism.call(self, args, kwargs)
+
+    @torch.compiler.disable
+    def _opaque_call(self, args: tuple, kwargs: dict) -> Any:
+        """A grad-enabled call while the model runs under torch.compile: one opaque call in
+        the compiled graph (the trackers' data-dependent choices cannot be traced), whose
+        block runs compiled on its own (`compiled_block`)."""
+        self.next_role()
+        return self.mechanism.call(self, args, kwargs, compiled=True)
+
+    def compiled_block(self) -> nn.Module:
+        """The wrapped module compiled with ``config.compile_backend`` (once; kept outside
+        the module tree, so state dicts and ``.modules()`` do not see it), or the module
+        itself when the backend is None."""
+        if self.config.compile_backend is None:
+            return self.wrapped
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None:
+            compiled = torch.compile(self.wrapped, backend=self.config.compile_backend)
+            self.__dict__["_compiled"] = compiled
+        return compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_compiled", None)  # rebuilt on first use; compiled code does not travel
+        return state
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, mechanism={self.mechanism.name!r}"

@@ -87,7 +87,7 @@ def dynamo():
 
 def _compile_case(backend: str, mode: str, energy: float):
     model, inputs = ZOO["unrolled_rnn"](steps=3, d_hidden=16)
-    cfg = LaserConfig(mode=mode, energy=energy, min_numel=0)
+    cfg = LaserConfig(mode=mode, energy=energy, min_numel=0, compile_backend=backend)
     # compress works in place: one copy stays eager, one is compiled, `model` stays dense
     eager = laser_fx.compress(copy.deepcopy(model), config=cfg, example_inputs=inputs)
     compiled = torch.compile(

@@ -103,8 +103,12 @@ def test_basis_stays_orthonormal_and_fidelity_in_unit_interval(width, n, config,
         assert tracker.basis.dtype == torch.float32 and int(tracker.rank) == tracker.basis.shape[1]
         assert 0.0 <= float(tracker.last_fidelity) <= 1.0
         assert 0.0 <= float(tracker.min_fidelity) <= float(tracker.last_fidelity)
-        if not packed.is_dense:
-            assert packed.basis is tracker.basis  # projected with the newest version
+        if not packed.is_dense:  # projected with the newest version (or the one the
+            # decision then shrank to a prefix of its columns: a view of the same storage)
+            assert packed.basis is tracker.basis or (
+                tracker.basis.untyped_storage().data_ptr()
+                == packed.basis.untyped_storage().data_ptr()
+                and tracker.basis.shape[1] < packed.basis.shape[1])
             if before.shape[1] and tracker.basis is not before:
                 assert before.data_ptr() != tracker.basis.data_ptr()  # a new tensor, not in place
     assert int(tracker.calls) == len(steps)
@@ -146,7 +150,7 @@ def test_randomized_reset_keeps_energy_and_picks_the_data_rank():
     tracker = SubspaceTracker(300, cfg(energy=0.99))
     put(tracker, x)
     assert fidelity_of(x, tracker.basis) >= 0.99 - 1e-5
-    assert 1 <= int(tracker.rank) <= 16 and int(tracker.rank) % 8 == 0  # in rank steps of 8
+    assert 1 <= int(tracker.rank) <= 12
     assert_orthonormal(tracker.basis)
 
 
@@ -400,7 +404,7 @@ def test_property_centering_keeps_what_varies_under_a_large_shared_offset(
     x_hat = tracker.decompress(put(tracker, x))
     err = float((x_hat - x).norm() / centered.norm())
     assert err <= 0.1 + 1e-4, f"centered: {err:.4f} of the varying part lost"
-    assert int(tracker.rank) <= -(-rank // tracker.rank_step) * tracker.rank_step
+    assert int(tracker.rank) <= rank
     # the mean is part of each record: the bytes say so
     tracker = SubspaceTracker(width, cfg(rank=rank))
     p = put(tracker, x)

@@ -26,8 +26,9 @@ class Mechanism:
                     "parameter applied inside one call of its module")
         return None
 
-    def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
-        """One grad-enabled call of ``wrapper.wrapped(*args, **kwargs)``."""
+    def call(self, wrapper: Any, args: tuple, kwargs: dict, compiled: bool = False) -> Any:
+        """One grad-enabled call of ``wrapper.wrapped(*args, **kwargs)``; ``compiled``: the
+        model runs under torch.compile (a mechanism may run the block compiled)."""
         raise NotImplementedError
 
     def row(self, wrapper: Any) -> dict[str, Any]:

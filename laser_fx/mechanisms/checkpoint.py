@@ -24,7 +24,7 @@ class Checkpoint(Mechanism):
 
     name = "checkpoint"
 
-    def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+    def call(self, wrapper: Any, args: tuple, kwargs: dict, compiled: bool = False) -> Any:
         module = wrapper.wrapped
         site = wrapper.site
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -41,5 +41,6 @@ class Checkpoint(Mechanism):
             return wrapper.tracker(f"in{i}", int(t.shape[dims[i]]), t)
 
         params = [p for p in module.parameters() if p.requires_grad]
-        return compressed_checkpoint(module, tracker, *args, params=params, stats=wrapper.stats,
+        fn = wrapper.compiled_block() if compiled else module
+        return compressed_checkpoint(fn, tracker, *args, params=params, stats=wrapper.stats,
                                      feature_dims=dims, name=site.name, **kwargs)

@@ -62,7 +62,7 @@ class Linear(Mechanism):
 
     name = "linear"
 
-    def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+    def call(self, wrapper: Any, args: tuple, kwargs: dict, compiled: bool = False) -> Any:
         stats = wrapper.stats
         dense_before = stats.dense_bytes
         seen: dict[int, weakref.ref] = {}

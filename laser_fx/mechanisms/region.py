@@ -20,7 +20,7 @@ class Region(Mechanism):
 
     name = "region"
 
-    def call(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+    def call(self, wrapper: Any, args: tuple, kwargs: dict, compiled: bool = False) -> Any:
         stats = wrapper.stats
         before = stats.seen_bytes
         region = CompressedRegion(
