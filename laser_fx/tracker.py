@@ -71,7 +71,7 @@ def _f32(v: float) -> float:
 
 class _Pending:
     """The last call, until `SubspaceTracker.settle` decides about it: its record, the
-    activation (for a revision) and the energies ``[‖X - m‖², ‖C_1‖², …, ‖C_k‖²]``."""
+    activation (for a revision) and the energies ``[‖X - 1mᵀ‖², ‖C_1‖², …, ‖C_k‖²]``."""
 
     __slots__ = ("energies", "event", "packed", "x")
 
@@ -129,7 +129,7 @@ class SubspaceTracker(nn.Module):
         # captured energy right after the last reset (the fixed-rank trigger is relative to it)
         self.register_buffer("reset_fidelity", torch.ones(()))
         self._reset_fid = 1.0  # host copies: read on every decision, never from the device
-        self._min_fid = 1.0
+        self._min_fid = self._last_fid = 1.0
         for name in (*_COUNTERS, "stored_bytes", "dense_bytes"):
             setattr(self, name, 0)
         self.backoff = 0  # calls left to store dense without trying
@@ -150,8 +150,8 @@ class SubspaceTracker(nn.Module):
         out: dict[str, int | float] = {"rank": int(self.basis.shape[1])}
         for name in (*_COUNTERS, "stored_bytes", "dense_bytes"):
             out[name] = getattr(self, name)
-        out["last_fidelity"] = float(self.last_fidelity)
-        out["min_fidelity"] = float(self.min_fidelity)
+        out["last_fidelity"] = self._last_fid
+        out["min_fidelity"] = self._min_fid
         return out
 
     def threshold(self) -> float:
@@ -196,14 +196,13 @@ class SubspaceTracker(nn.Module):
         if self.backoff > 0:
             self.backoff -= 1
             return self._store_dense(x)
-        xc, mean = self._centered(x)
         if self.basis.shape[1] == 0:
+            xc, mean = self._centered(x)
             return self._first(x, xc, mean)
-        coeffs = xc @ self.basis
+        coeffs, mean, energies = self._project(x)
         packed = self._store(x, self.basis, coeffs, mean, None, new_basis=False)
         if not packed.is_dense:
-            total = torch.linalg.vector_norm(xc).square().reshape(1)
-            self._pending = _Pending(packed, x, torch.cat([total, coeffs.square().sum(0)]))
+            self._pending = _Pending(packed, x, energies)
         return packed
 
     @torch.no_grad()
@@ -217,19 +216,20 @@ class SubspaceTracker(nn.Module):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        energies = pending.read()
-        total, captured = energies[0], sum(energies[1:])
+        total, *columns = pending.read()
+        captured = sum(columns)
         if not (math.isfinite(total) and math.isfinite(captured)):
             self.nonfinite += 1  # never reaches the basis: keep the activation exactly
             self._store_dense(pending.x, into=pending.packed)
             return
-        fid = 1.0 if total == 0.0 else min(1.0, captured / total)
+        fid = 1.0 if total <= 0.0 else min(1.0, captured / total)
         if fid >= self.threshold():
             self._note(fid)
-            self._shrink(energies[1:], total)
+            self._shrink(columns, total)
             return
         self.revisions += 1
         xc, mean = self._centered(pending.x)
+        total = float(torch.linalg.vector_norm(xc).square())
         with single_thread_if_small(xc):
             basis, coeffs, fid = self._refine(xc, total)
         self._store(pending.x, basis, coeffs, mean, fid, new_basis=True, into=pending.packed)
@@ -254,9 +254,11 @@ class SubspaceTracker(nn.Module):
         if p.dense is not None:
             return p.dense
         with torch.no_grad():
-            x_hat = p.coeffs.to(p.basis.dtype) @ p.basis.T
-            if p.mean is not None:
-                x_hat += p.mean.to(x_hat.dtype)
+            coeffs = p.coeffs.to(p.basis.dtype)
+            if p.mean is None:
+                x_hat = coeffs @ p.basis.T
+            else:
+                x_hat = torch.addmm(p.mean.to(coeffs.dtype), coeffs, p.basis.T)
         return x_hat.reshape(p.shape).to(p.dtype)
 
     # ------------------------------------------------------------------ internals
@@ -275,6 +277,16 @@ class SubspaceTracker(nn.Module):
                 f"SubspaceTracker buffers are on {self.basis.device} but the activation is on "
                 f"{x.device}; move the model (and its trackers) with `.to({str(x.device)!r})`."
             )
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Coefficients on the current basis, the row mean, and the energies
+        ``[‖X - 1mᵀ‖², ‖C_1‖², …, ‖C_k‖²]``: the steady state's whole cost. (Centering
+        explicitly is cheaper on a CPU than a one-pass variance, and ``‖X‖² - N‖m‖²`` loses
+        its digits when a shared component dominates, as it does in TRM's carries.)"""
+        xc, mean = self._centered(x)
+        coeffs = xc @ self.basis
+        total = torch.linalg.vector_norm(xc).square().reshape(1)
+        return coeffs, mean, torch.cat([total, coeffs.square().sum(0)])
 
     def _centered(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         xm = x.reshape(-1, self.width).float()
@@ -415,12 +427,15 @@ class SubspaceTracker(nn.Module):
             self.rank.fill_(keep)
 
     def _note(self, fid: float) -> None:
-        """Record a decided call's fidelity (host numbers, written to the buffers)."""
-        fid = min(1.0, max(0.0, fid))  # rounding can leave a hair outside [0, 1]
-        self.last_fidelity.fill_(fid)
-        if fid < self._min_fid:
-            self._min_fid = _f32(fid)
-            self.min_fidelity.fill_(fid)
+        """Record a decided call's fidelity (host numbers; the buffers follow when read)."""
+        fid = _f32(min(1.0, max(0.0, fid)))  # rounding can leave a hair outside [0, 1]
+        self._last_fid = fid
+        self._min_fid = min(self._min_fid, fid)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.last_fidelity.fill_(self._last_fid)
+        self.min_fidelity.fill_(self._min_fid)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _store(self, x: Tensor, basis: Tensor, coeffs: Tensor, mean: Tensor | None,
                fid: float | None, *, new_basis: bool, into: Packed | None = None) -> Packed:
@@ -485,6 +500,7 @@ class SubspaceTracker(nn.Module):
         self._pending = None
         self._reset_fid = float(self.reset_fidelity)
         self._min_fid = float(self.min_fidelity)
+        self._last_fid = float(self.last_fidelity)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
