@@ -3,10 +3,11 @@
 For each width, N tokens of activations with a decaying spectrum (plus a little noise) are
 compressed once to fit a basis; then the script times, median of ``--reps`` runs:
 
-- projection: a `compress` call whose basis already fits (the common case: ``C = X Q``,
-  fidelity, rank check);
+- projection: a `compress` call whose basis already fits (the common case: ``C = X Q``, the
+  captured energies queued, and the decision about the previous call, taken one call late);
 - +1 power iter: the warm-started block subspace iteration a drifting basis costs;
-- reset: rebuilding the basis at ``--energy`` (exact SVD below width 256, randomized above);
+- reset: rebuilding the basis at ``--energy`` (eigendecomposition of the width x width Gram
+  matrix up to width 256, randomized subspace iteration above);
 - exact SVD: ``torch.linalg.svd(X)``, what a tracker without warm starts would pay each call;
 - F.linear: the forward matmul of a square linear layer on the same X.
 
