@@ -165,6 +165,7 @@ def run_experiment(
     jobs: int = 1,
     threads: int = 1,
     command: str = "",
+    git_root: Path | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run every missing (task, seed), appending to trm_runs.jsonl and rewriting the report.
@@ -176,6 +177,8 @@ def run_experiment(
         jobs: worker processes (0: in this process, for tests).
         threads: torch threads per run.
         command: the command line recorded in the report.
+        git_root: the checkout whose commit each run records (default: this file's); for a
+            run from a frozen copy of the code outside git.
         log: progress messages.
 
     Returns:
@@ -189,10 +192,11 @@ def run_experiment(
     todo = [(name, seed) for seed in seeds for name in tasks if _key(tasks[name], seed) not in done]
     skipped = len(tasks) * len(seeds) - len(todo)
     log(f"{len(todo)} runs to do, {skipped} already finished")
+    commit = _commit(git_root)  # at launch: the checkout may move on while the runs go
 
     def finish(name: str, seed: int, result: dict[str, Any], seconds: float) -> None:
         line = {"key": _key(tasks[name], seed), "task": name, "seed": seed,
-                "seconds": seconds, "commit": _commit(), "result": result}
+                "seconds": seconds, "commit": commit, "result": result}
         with jsonl.open("a") as f:
             f.write(json.dumps(line) + "\n")
         r = result["runs"][0]
@@ -215,9 +219,10 @@ def run_experiment(
     return {"ran": len(todo), "skipped": skipped, "report": report}
 
 
-def _commit() -> str | None:
-    """The checkout's commit (marked "+" when its code has changes), or None outside git."""
-    root = Path(__file__).resolve().parents[2]
+def _commit(root: Path | None = None) -> str | None:
+    """The checkout's commit (marked "+" when its code has uncommitted changes), or None
+    outside git. ``root``: the checkout (default: the one this file is in)."""
+    root = Path(__file__).resolve().parents[2] if root is None else root
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                               capture_output=True, timeout=10, check=True).stdout.strip()
@@ -266,12 +271,92 @@ def _collect(runs: list[dict[str, Any]], keys: set[str]) -> dict[str, dict[str, 
     return by_task
 
 
-def _pairs(arms: dict[str, list[dict]], metric: str) -> list[tuple[float, float]]:
-    """(baseline, LASER) values of `metric` for the seeds both arms finished."""
-    by_seed = {arm: {r["run"]["seed"]: r["eval"]["raw"][metric] for r in rs}
-               for arm, rs in arms.items()}
-    base, laser = by_seed.get("baseline", {}), by_seed.get("laser", {})
-    return [(base[s], laser[s]) for s in sorted(base.keys() & laser.keys())]
+def _pairs(arms: dict[str, list[dict]], metric: str, arm: str = "laser"
+           ) -> list[tuple[float, float]]:
+    """(baseline, ``arm``) values of `metric` for the seeds both arms finished."""
+    by_seed = {a: {r["run"]["seed"]: r["eval"]["raw"][metric] for r in rs}
+               for a, rs in arms.items()}
+    base, other = by_seed.get("baseline", {}), by_seed.get(arm, {})
+    return [(base[s], other[s]) for s in sorted(base.keys() & other.keys())]
+
+
+_ARM_NAMES = {"laser": "LASER", "checkpoint": "torch checkpoint"}
+
+
+def _paired_lines(arms: dict[str, list[dict]]) -> list[str]:
+    """Per arm other than the baseline: the paired difference to it, seed by seed (Welch too)."""
+    lines = []
+    for arm in ("laser", "checkpoint"):
+        if len(arms.get(arm, [])) < 2 or len(arms.get("baseline", [])) < 2:
+            continue
+        for metric in ("exact_acc", "token_acc"):
+            b = [r["eval"]["raw"][metric] for r in arms["baseline"]]
+            c = [r["eval"]["raw"][metric] for r in arms[arm]]
+            t, df, p = welch_t_test(b, c)
+            pairs = _pairs(arms, metric, arm)
+            text = (f"\n{_ARM_NAMES[arm]} vs baseline, {metric}: Welch's t-test t = {t:.2f},"
+                    f" df = {df:.1f}, p = {p:.3f}")
+            if len(pairs) >= 2:
+                m, lo, hi, pp = paired_difference(*zip(*pairs, strict=True))
+                text += (f"; paired by seed ({_ARM_NAMES[arm]} - baseline, {len(pairs)} seeds):"
+                         f" {100 * m:+.2f} points (mean drop {-100 * m:.2f}), 95% CI"
+                         f" [{100 * lo:+.2f}, {100 * hi:+.2f}], paired t-test p = {pp:.3f}")
+            lines.append(text)
+    return lines
+
+
+def _bytes_lines(arms: dict[str, list[dict]]) -> list[str]:
+    """Per seed: LASER's ranks, calibrated energies and bytes against torch checkpoint's."""
+    laser = {r["run"]["seed"]: r for r in arms.get("laser", [])}
+    ckpt = {r["run"]["seed"]: r for r in arms.get("checkpoint", [])}
+    if not laser:
+        return []
+    kib = 1 / 1024
+    lines = ["", "Per seed, after training (one step on the same batch): LASER's stored inputs"
+             " per slot as width/rank (rank 0: stored exactly), its calibrated energies and"
+             " gradient cosine on the calibration micro-batch (at compress, the initial weights;"
+             " the first `batch` training puzzles), the bytes its compressed calls kept"
+             " (`laser_fx.report`: stored / what the same calls would keep without any checkpointing), and"
+             " after-forward / peak memory of the LASER and torch checkpoint arms"
+             " (`measure_activation_memory`).", "",
+             "| seed | exact % base / ckpt / LASER | LASER ranks (width/rank) | energies |"
+             " cosine | LASER kept KiB / dense KiB | after-fwd KiB LASER / ckpt | peak KiB"
+             " LASER / ckpt |", "|---|---|---|---|---|---|---|---|"]
+    base = {r["run"]["seed"]: r for r in arms.get("baseline", [])}
+    for seed in sorted(laser):
+        r = laser[seed]
+        run = r["run"]
+        ranks = "; ".join(f"{site}.{slot} {wr[0]}/{wr[1]}"
+                          for site, slots in run.get("laser_ranks", {}).items()
+                          for slot, wr in slots.items())
+        sites = run["laser_report"]["sites"]
+        energies = "; ".join(f"{s['name']} {s.get('energies') or '-'}" for s in sites)
+        cos = ", ".join("-" if s.get("calibrated_cosine") is None
+                        else f"{s['calibrated_cosine']:.5f}" for s in sites)
+        tot = run["laser_report"]["totals"]
+        c = ckpt.get(seed)
+        ex = " / ".join("-" if d.get(seed) is None else f"{100 * d[seed]['eval']['raw']['exact_acc']:.1f}"
+                        for d in (base, ckpt, laser))
+        fwd = f"{r['activation_bytes'] * kib:.0f} / " + ("-" if c is None else
+                                                          f"{c['activation_bytes'] * kib:.0f}")
+        peak = f"{r['peak_bytes'] * kib:.0f} / " + ("-" if c is None else
+                                                     f"{c['peak_bytes'] * kib:.0f}")
+        lines.append(f"| {seed} | {ex} | {ranks} | {energies} | {cos} |"
+                     f" {tot['stored_bytes'] * kib:.0f} / {tot['dense_bytes'] * kib:.0f} |"
+                     f" {fwd} | {peak} |")
+    pairs = [(laser[s], ckpt[s]) for s in sorted(laser.keys() & ckpt.keys())]
+    if pairs:
+        fwd = statistics.fmean(a["activation_bytes"] / c["activation_bytes"] for a, c in pairs)
+        peak = statistics.fmean(a["peak_bytes"] / c["peak_bytes"] for a, c in pairs)
+        kept = statistics.fmean(a["run"]["laser_report"]["totals"]["ratio"] or 1.0
+                                for a, _ in pairs)
+        low = sum(any(wr[1] > 0 for slots in a["run"].get("laser_ranks", {}).values()
+                      for wr in slots.values()) for a, _ in pairs)
+        lines += ["", f"LASER / torch checkpoint, mean over {len(pairs)} seeds: after-forward"
+                  f" memory {fwd:.3f}x, peak {peak:.3f}x; LASER's compressed calls kept"
+                  f" {kept:.3f}x of their dense bytes; low-rank (some rank > 0) in {low} of"
+                  f" {len(pairs)} seeds."]
+    return lines
 
 
 def write_report(
@@ -288,18 +373,20 @@ def write_report(
     n_done = len({r["key"] for r in runs} & keys)
     partial = n_done < len(keys)
     lines = [
-        "# TRM: accuracy and activation memory, baseline vs LASER",
+        "# TRM: accuracy and activation memory: uncompressed baseline, torch checkpoint, LASER",
         "",
         f"**{'PARTIAL: ' if partial else ''}{n_done} of {len(keys)} runs finished**"
         f" (written {time.strftime('%Y-%m-%d %H:%M')}).",
         "",
         "Each run trains both arms in lockstep from the same initial weights on the same batches"
         " (LASER: a deep copy of the baseline compressed in place by `laser_fx.compress` with"
-        " the default `LaserConfig`; its energy is in each task's config). Accuracy on"
-        " held-out puzzles (a different data seed), raw weights, all ACT steps;"
-        " mean ± std over seeds. p: Welch's two-sided t-test, baseline vs LASER; and, since"
-        " seed k of both arms shares weights and batches, the per-seed difference with its 95%"
-        " confidence interval and paired t-test.",
+        " `LaserConfig(granularity=\"block\", ...)`, the rest as in each task's config: its"
+        " `energy`, or with `target_cosine` the energies `compress` calibrates per slot;"
+        " torch checkpoint: `torch.utils.checkpoint` on every grad-enabled call of the same"
+        " block). Accuracy on held-out puzzles (a different data seed), raw weights, all ACT"
+        " steps; mean ± std over seeds. p: Welch's two-sided t-test against the baseline; and,"
+        " since seed k of every arm shares weights and batches, the per-seed difference with"
+        " its 95% confidence interval and paired t-test (`scipy.stats.ttest_rel`).",
         "Activation memory: `laser_fx.measure_activation_memory` of one training step on the"
         " same batch after training (bytes kept for backward; peak: maximum over forward and"
         " backward incl. parameter gradients); step time: median per run (first steps excluded), arms interleaved.",
@@ -317,7 +404,10 @@ def write_report(
         commits = sorted({r.get("commit") or "not recorded" for r in runs
                           if r["key"] in keys and r["task"] == name})
         if commits:
-            lines += [f"Code: commit {', '.join(commits)}.", ""]
+            dirty = any(c.endswith("+") for c in commits)
+            lines += [f"Code: commit {', '.join(commits)}."
+                      + (" (\"+\": the working tree had uncommitted changes to the code.)"
+                         if dirty else ""), ""]
         if not arms:
             lines += ["(no finished runs yet)", ""]
             continue
@@ -332,19 +422,8 @@ def write_report(
             ms = statistics.fmean(r["step_time_median_s"] for r in rs) * 1e3
             lines.append(f"| {arm} | {len(rs)} | {_mean_std(ex)} | {_mean_std(tok)} |"
                          f" {_mean_std(ema) if ema else '-'} | {mib:.1f} | {peak:.1f} | {ms:.0f} |")
-        if "laser" in arms and len(arms["laser"]) >= 2 and len(arms.get("baseline", [])) >= 2:
-            for metric in ("exact_acc", "token_acc"):
-                b = [r["eval"]["raw"][metric] for r in arms["baseline"]]
-                c = [r["eval"]["raw"][metric] for r in arms["laser"]]
-                t, df, p = welch_t_test(b, c)
-                lines.append(f"\nWelch's t-test on {metric}: t = {t:.2f}, df = {df:.1f},"
-                             f" p = {p:.3f}")
-                pairs = _pairs(arms, metric)
-                if len(pairs) >= 2:
-                    m, lo, hi, pp = paired_difference(*zip(*pairs, strict=True))
-                    lines.append(f"Paired by seed (LASER - baseline, {len(pairs)} seeds):"
-                                 f" {100 * m:+.1f} points, 95% CI [{100 * lo:+.1f},"
-                                 f" {100 * hi:+.1f}], paired t-test p = {pp:.3f}")
+        lines += _paired_lines(arms)
+        lines += _bytes_lines(arms)
         ratios = [r["run"]["memory_ratio"] for r in arms.get("laser", [])]
         times = [r["run"]["step_time_ratio"] for r in arms.get("laser", [])]
         sites = [s for r in arms.get("laser", []) for s in r["run"]["laser_report"]["sites"]]
@@ -411,6 +490,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override every task's step count")
     p.add_argument("--energy", type=float, default=None,
                    help="LaserConfig.energy of the LASER arm (default: the library's)")
+    p.add_argument("--target-cosine", type=float, default=None,
+                   help="LaserConfig.target_cosine of the LASER arm: energies calibrated per slot"
+                        " at compress (on the first batch of training puzzles)")
+    p.add_argument("--recalibrate-every", type=int, default=None,
+                   help="LaserConfig.recalibrate_every (with --target-cosine)")
+    p.add_argument("--grad-cycles", type=int, default=None,
+                   help="override every task's grad cycles (backprop through the last k of T)")
+    p.add_argument("--git-root", type=Path, default=None,
+                   help="record this checkout's commit (for a run from a frozen copy of the code)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
     args = p.parse_args(argv)
     preset = SMALL_TASKS if args.preset == "small" else TASKS
@@ -422,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         spec["energy"] = energy
         if args.steps is not None:
             spec["steps"] = args.steps
+        for opt in ("target_cosine", "recalibrate_every", "grad_cycles"):
+            if getattr(args, opt) is not None:  # absent otherwise: earlier runs' keys stay valid
+                spec[opt] = getattr(args, opt)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     command = "PYTHONPATH=. .venv/bin/python " + shlex.join(["examples/trm/experiment.py", *given])
     seeds = list(range(args.seeds))
@@ -429,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(args.out_dir, tasks, seeds, command))
         return 0
     out = run_experiment(args.out_dir, tasks, seeds, jobs=args.jobs, threads=args.threads,
-                         command=command)
+                         command=command, git_root=args.git_root)
     print(f"ran {out['ran']}, skipped {out['skipped']}; report: {out['report']}")
     return 0
 

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rank", type=int, default=None, help="LaserConfig.rank (fixed rank)")
     a("--fidelity", type=float, default=None, help="LaserConfig.fidelity")
     a("--mode", choices=("auto", "linear", "region", "checkpoint"), default=None)
+    a("--target-cosine", type=float, default=None,
+      help="LaserConfig.target_cosine: compress calibrates each slot's energy on its example"
+           " inputs (the first --batch training puzzles) for this gradient cosine")
+    a("--recalibrate-every", type=int, default=None,
+      help="LaserConfig.recalibrate_every: with --target-cosine, calibrate again every K steps")
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
     a("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
     a("--data-cache", type=Path, default=None,
@@ -167,7 +172,8 @@ def options(args: argparse.Namespace | None = None) -> argparse.Namespace:
 
 
 def _laser_config(args: argparse.Namespace) -> laser_fx.LaserConfig:
-    kw = {k: getattr(args, k) for k in ("energy", "rank", "fidelity", "mode")}
+    kw = {k: getattr(args, k) for k in ("energy", "rank", "fidelity", "mode", "target_cosine",
+                                         "recalibrate_every")}
     # per block call, like the torch checkpoint arm: not split into layers ("auto" would)
     return laser_fx.LaserConfig(granularity="block",
                                 **{k: v for k, v in kw.items() if v is not None})

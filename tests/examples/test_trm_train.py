@@ -304,3 +304,21 @@ def test_paired_difference_known_example_and_bad_input() -> None:
 def test_min_lr_ratio_outside_the_unit_interval_is_a_clear_error(ratio: float) -> None:
     with pytest.raises(laser_fx.ConfigError, match="--min-lr-ratio must be in"):
         train.run(_args(seeds=[0], schedule="cosine", min_lr_ratio=ratio), log=lambda s: None)
+
+
+# ------------------------------------------------------------------ calibrated LASER arm
+def test_target_cosine_options_reach_the_laser_arms_config() -> None:
+    args = train.options(train.build_parser().parse_args(
+        ["--target-cosine", "0.9995", "--recalibrate-every", "25"]))
+    cfg = train._laser_config(args)
+    assert (cfg.target_cosine, cfg.recalibrate_every, cfg.granularity) == (0.9995, 25, "block")
+    assert train._laser_config(train.options()).target_cosine is None  # off unless asked
+
+
+def test_experiment_options_become_part_of_each_runs_key(tmp_path) -> None:
+    argv = ["--preset", "small", "--tasks", "sudoku", "--seeds", "1", "--target-cosine",
+            "0.9995", "--grad-cycles", "2", "--out-dir", str(tmp_path), "--report-only"]
+    assert experiment.main(argv) == 0
+    report = (tmp_path / "trm.md").read_text()
+    assert '"grad_cycles": 2' in report and '"target_cosine": 0.9995' in report
+    assert "recalibrate_every" not in report  # an option not given stays out of the key
