@@ -16,11 +16,12 @@ from .calibration import Calibration, calibrate
 from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError, TraceError
 from .memory import ActivationMemory, measure_activation_memory
+from .packed import Packed, StorageStats
 from .probe import find_sites
 from .report import Report, report
 from .sites import Site, Use
 from .tracing import annotate, trace
-from .tracker import Packed, StorageStats, SubspaceTracker
+from .tracker import SubspaceTracker
 from .wrapper import SiteWrapper
 
 __all__ = [

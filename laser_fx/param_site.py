@@ -18,8 +18,9 @@ from .config import LaserConfig
 from .mechanisms import MECHANISMS
 from .mechanisms.linear import LinearOps
 from .ops.checkpoint import is_recomputing
+from .packed import StorageStats
 from .sites import Site
-from .tracker import StorageStats, SubspaceTracker
+from .tracker import SubspaceTracker
 from .wrapper import TrackerStore
 
 __all__ = ["ParamSite", "param_sites_of"]

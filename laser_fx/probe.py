@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_leaves
 from ._isolated import cuda_devices, isolated
 from ._weights import WeightOrigins
 from .errors import ConfigError
+from .packed import is_weight
 from .sites import Site, Use
-from .tracker import is_weight
 
 __all__ = ["Probe", "find_sites", "probe", "run_model"]
 

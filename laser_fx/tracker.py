@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from ._linalg import gram_basis, ritz, single_thread_if_small, subspace_iteration
 from .config import LaserConfig
 from .errors import ConfigError
-from .packed import Packed, StorageStats, is_weight, nbytes
+from .packed import Packed, nbytes
 
-__all__ = ["Packed", "StorageStats", "SubspaceTracker", "is_weight"]
+__all__ = ["SubspaceTracker"]
 
 #: widths up to this are reset exactly, from the width x width Gram matrix
 _EXACT_MAX = 256

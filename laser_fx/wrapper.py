@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from .config import LaserConfig
 from .ops.checkpoint import is_recomputing
+from .packed import StorageStats
 from .sites import Site
-from .tracker import StorageStats, SubspaceTracker
+from .tracker import SubspaceTracker
 
 __all__ = ["WRAPPED", "SiteWrapper", "TrackerStore", "begin_step", "call_site", "forward_origin",
            "tracker_stores"]
@@ -272,6 +273,9 @@ class _StepHook:
         self.steps = 0
         self.busy = False
 
+    # torch.compile(model) would trace these hooks: the trackers' decisions are data-dependent
+    # Python (graph breaks, a recompile per value, RecursionError in dynamo): run them eagerly
+    @torch.compiler.disable
     def __call__(self, model: nn.Module, *_: Any) -> None:
         if not torch.is_grad_enabled() or self.busy:
             return
@@ -283,6 +287,7 @@ class _StepHook:
             calibrate(model, args, kwargs, target_cosine=self.target)  # sets `busy` meanwhile
         begin_step(model)
 
+    @torch.compiler.disable
     def end(self, model: nn.Module, *_: Any) -> None:
         for store in tracker_stores(model):
             store.settle()

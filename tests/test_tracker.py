@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from laser_fx.config import LaserConfig
 from laser_fx.errors import ConfigError
-from laser_fx.tracker import Packed, SubspaceTracker
+from laser_fx.packed import Packed
+from laser_fx.tracker import SubspaceTracker
 
 
 @pytest.fixture(autouse=True)
@@ -454,8 +455,8 @@ def test_property_a_record_is_never_larger_than_the_activation(rows_per_call, wi
 
 
 def test_storage_stats_counts_packs_bases_once_and_skips_parameters():
-    # StorageStats lives beside Packed (laser_fx.tracker): what a mechanism kept, in bytes
-    from laser_fx.tracker import StorageStats
+    # StorageStats lives beside Packed (laser_fx.packed): what a mechanism kept, in bytes
+    from laser_fx.packed import StorageStats
 
     trk = SubspaceTracker(16, LaserConfig(rank=2, min_numel=0))
     x = torch.randn(32, 2) @ torch.randn(2, 16)

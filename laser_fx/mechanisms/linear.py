@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from .._weights import WeightOrigins
 from ..ops.linear import compressed_linear
 from ..ops.region import _Kept
-from ..tracker import is_weight
+from ..packed import is_weight
 from .base import Mechanism
 
 __all__ = ["Linear", "LinearOps"]

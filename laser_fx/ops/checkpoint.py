@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import ConfigError, LaserFxError
-from ..tracker import StorageStats, is_weight
+from ..packed import StorageStats, is_weight
 
 __all__ = ["compressed_checkpoint", "is_recomputing"]
 

@@ -25,7 +25,7 @@ import torch
 
 from ..config import LaserConfig
 from ..errors import ConfigError, LaserFxError
-from ..tracker import StorageStats, is_weight
+from ..packed import StorageStats, is_weight
 from .checkpoint import is_recomputing
 
 __all__ = ["CompressedRegion", "compressed_region"]

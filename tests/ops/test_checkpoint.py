@@ -21,7 +21,8 @@ from torch import nn
 from laser_fx.config import LaserConfig
 from laser_fx.errors import ConfigError, LaserFxError
 from laser_fx.ops.checkpoint import compressed_checkpoint
-from laser_fx.tracker import StorageStats, SubspaceTracker
+from laser_fx.packed import StorageStats
+from laser_fx.tracker import SubspaceTracker
 
 B, L = 2, 16  # N = 32 rows per activation: small enough for CPU, enough to compress
 
