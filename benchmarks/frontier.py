@@ -10,6 +10,10 @@ the torch-checkpointed model. Each arm but the uncompressed one is a deep copy o
 ``--out`` as each model finishes, and plots the frontier. About 5 minutes on 2 CPU cores:
 
     PYTHONPATH=. python benchmarks/frontier.py [--reps 5] [--threads 1] [--device cpu]
+
+The compiled section (every configuration under ``torch.compile``, with torch's
+``activation_memory_budget`` too) is benchmarks/compiled.py; ``--compiled`` runs it, with its
+own options (``benchmarks/frontier.py --compiled --d 128 --out results/compiled.md``).
 """
 
 from __future__ import annotations
@@ -154,11 +158,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/benchmarks.jsonl", help="JSON lines ('' : none)")
     p.add_argument("--plot", default="results/benchmarks_frontier.png", help="PNG ('' : none)")
+    p.add_argument("--compiled", action="store_true",
+                   help="run the compiled section instead (benchmarks/compiled.py; the other "
+                   "options are its own, see benchmarks/compiled.py --help)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; returns one record per model (``workload``, ``rows``, ``notes``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compiled" in argv:  # the compiled section takes options of its own
+        from benchmarks.compiled import main as compiled_main
+
+        return compiled_main([x for x in argv if x != "--compiled"])
     a = _parse(argv)
     torch.set_num_threads(a.threads)
     print(f"machine: {machine()}; device {a.device}")
