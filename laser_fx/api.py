@@ -16,7 +16,7 @@ from .config import LaserConfig
 from .errors import ConfigError, LaserFxError, NoSitesError
 from .granularity import plan_granularity
 from .mechanisms import MECHANISMS, Mechanism, choose
-from .ops.checkpoint import walk_tensors
+from .ops._tensors import walk_tensors
 from .param_site import ParamSite, param_sites_of
 from .probe import Probe, _as_tuple, probe, run_model
 from .report import _GRANULARITY, _SKIPPED, compressed_sites

@@ -16,30 +16,13 @@ Safety, at least as strict as ``torch.utils.checkpoint``:
   (version counters), instead of giving gradients at the new values;
 * the re-run does not update buffers a second time.
 
-Parameter gradients, like ``torch.utils.checkpoint``'s reentrant variant: under a plain
-``loss.backward()`` the re-run's backward accumulates them into each parameter's ``.grad``
-itself, one parameter at a time, and the checkpoint hands autograd only the gradients of its
-inputs, so no second full set of parameter gradients exists at once (for a block called n
-times, autograd would otherwise hold the running sum of the calls' gradients next to the set
-the current call computes). Where that would change what the caller sees, the gradients
-take autograd's path instead (returned by the checkpoint, added to ``.grad`` once after all
-calls): under ``torch.autograd.grad`` and ``backward(inputs=...)`` (they read or restrict
-the gradients autograd routes; ``torch.autograd._is_checkpoint_valid()`` tells), when a
-parameter has a tensor hook (``register_hook``, ``register_multi_grad_hook``) or a
-post-accumulate-grad hook (accumulating per call would run it once per call, on a partial
-gradient, and once more with None), when a parameter is not a leaf (its gradient must flow
-on through autograd), and for calls made inside a ``DistributedDataParallel`` forward (its
-reducer marks each parameter ready when its gradient is accumulated: once per backward).
-On autograd's path a parameter's tensor hooks run once, on the gradient summed over every
-use, as in the plain model: the re-run's ``autograd.grad`` runs with them suspended.
-Hooks registered on a parameter's gradient accumulator node itself cannot be seen; under a
-plain ``backward()`` they run once per block call (and once more with None).
+Parameter gradients are accumulated in place under a plain ``backward()`` (see
+`laser_fx.ops._param_grads`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +35,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import ConfigError, LaserFxError
 from ..packed import StorageStats, is_weight
+from ._param_grads import accumulates_in_place, inside_ddp_forward, tensor_hooks_suspended
+from ._tensors import hidden_grad_tensors, undeclared_leaves
 
 __all__ = ["compressed_checkpoint", "is_recomputing"]
 
@@ -87,111 +72,6 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     ]
 
 
-def walk_tensors(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor inside ``obj``: in lists, tuples, mappings,
-    dataclasses and the attributes of plain objects (a cache object), 6 levels deep."""
-    if depth > 6:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from walk_tensors(getattr(obj, f.name, None), f"{path}.{f.name}", depth + 1)
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from walk_tensors(v, f"{path}[{k!r}]", depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from walk_tensors(v, f"{path}[{i}]", depth + 1)
-    elif not isinstance(obj, (type, nn.Module)) and isinstance(getattr(obj, "__dict__", None), dict):
-        for k, v in vars(obj).items():
-            yield from walk_tensors(v, f"{path}.{k}", depth + 1)
-
-
-def hidden_grad_tensors(obj: Any) -> list[str]:
-    """Paths of tensors requiring grad inside ``obj``, an argument pytree does not open.
-
-    A compressed checkpoint sees only the tensors pytree flattens out of its arguments; a
-    tensor that requires grad inside another container would lose its gradient silently.
-    """
-    return [p for p, t in walk_tensors(obj) if t.requires_grad]
-
-
-def _undeclared_leaves(roots: Sequence[torch.Tensor],
-                       declared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaves requiring grad that the re-run reaches but that are not Function inputs.
-
-    A declared tensor that is not a leaf (``params=[w]`` with ``w = base.t()``) ends the walk
-    where the graph reaches it: its gradient is returned, and autograd carries it on.
-    """
-    allowed = {id(t) for t in declared}
-    ends = {(id(t.grad_fn), t.output_nr) for t in declared if t.grad_fn is not None}
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    seen: set[int] = set()
-    found: list[torch.Tensor] = []
-    while stack and len(found) < 4:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        var = getattr(node, "variable", None)
-        if var is not None:
-            if id(var) not in allowed:
-                found.append(var)
-            continue
-        stack.extend(n for n, nr in node.next_functions if (id(n), nr) not in ends)
-    return found
-
-
-def _inside_ddp_forward() -> bool:
-    """Whether this call runs inside the forward of a ``DistributedDataParallel`` module."""
-    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
-    return getattr(ddp, "_active_ddp_module", None) is not None
-
-
-def _accumulates_in_place(run: _Run, params: Sequence[torch.Tensor]) -> bool:
-    """Whether this backward may accumulate ``params``' gradients into ``.grad`` itself.
-
-    Only under a plain ``backward()`` (not ``autograd.grad``, not ``backward(inputs=...)``),
-    outside DDP, and when every parameter is a leaf without tensor or post-accumulate hooks:
-    then the result is the same as returning the gradients through autograd (module docstring).
-    """
-    if not torch.autograd._is_checkpoint_valid() or run.under_ddp:
-        return False
-    return all(
-        p.is_leaf
-        and not getattr(p, "_backward_hooks", None)
-        and not getattr(p, "_post_accumulate_grad_hooks", None)
-        for p in params
-    )
-
-
-@contextlib.contextmanager
-def _tensor_hooks_suspended(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """The tensors' own gradient hooks (``register_hook``) do not run inside.
-
-    ``autograd.grad`` runs a tensor's hooks when it captures its gradient, so the re-run's
-    backward would run them on each call's partial gradient, and autograd runs them again on
-    the sum it routes to the tensor: a hook that scales the gradient scaled it twice. The
-    hooks live in ``_backward_hooks``, the dict autograd's hook object reads when it runs:
-    emptied here, refilled (in order) on the way out.
-    """
-    saved: list[tuple[dict, list]] = []
-    for t in {id(t): t for t in tensors}.values():
-        hooks = getattr(t, "_backward_hooks", None)
-        if hooks:
-            saved.append((hooks, list(hooks.items())))
-            hooks.clear()
-    try:
-        yield
-    finally:
-        for hooks, items in saved:
-            added = list(hooks.items())  # registered meanwhile: after the earlier ones
-            hooks.clear()
-            hooks.update(items)
-            hooks.update(added)
-
-
 class _Slot:
     """How one tensor input is packed: its tracker and the axis holding the features."""
 
@@ -223,7 +103,7 @@ class _Run:
         self.out_spec: Any = None
         self.out_leaves: list[Any] = []
         self.versions: list[tuple[str, weakref.ref, int]] = []
-        self.under_ddp = _inside_ddp_forward()
+        self.under_ddp = inside_ddp_forward()
 
     def capture_rng(self, tensors: Sequence[torch.Tensor]) -> None:
         if not self.preserve_rng:
@@ -368,7 +248,7 @@ class _CompressedCheckpoint(torch.autograd.Function):
         every = inputs + list(run.params)
         result: list[torch.Tensor | None] = [None] * (n + len(run.params))
         if pairs and wrt_idx:
-            stray = _undeclared_leaves([o for o, _ in pairs], every)
+            stray = undeclared_leaves([o for o, _ in pairs], every)
             if stray:
                 shapes = ", ".join(str(tuple(t.shape)) for t in stray)
                 raise LaserFxError(
@@ -380,7 +260,7 @@ class _CompressedCheckpoint(torch.autograd.Function):
                 )
             roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
             params = [every[i] for i in wrt_idx if i >= n]
-            if params and _accumulates_in_place(run, params):
+            if params and accumulates_in_place(params, run.under_ddp):
                 # Like torch's reentrant checkpoint: the re-run's backward adds each parameter's
                 # gradient to its .grad as soon as it is computed, so at most one parameter's
                 # gradient of this call is alive beside .grad. The inputs are fresh leaves of
@@ -392,7 +272,7 @@ class _CompressedCheckpoint(torch.autograd.Function):
                     if i < n:
                         result[i] = inputs[i].grad
             else:
-                with _tensor_hooks_suspended(params):
+                with tensor_hooks_suspended(params):
                     got = torch.autograd.grad(
                         roots, [every[i] for i in wrt_idx], root_grads, allow_unused=True
                     )
