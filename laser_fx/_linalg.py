@@ -9,12 +9,14 @@ cost, and the tracker never factorizes a whole ``N x width`` activation.
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["gram_basis", "orthonormal", "ritz", "single_thread_if_small", "subspace_iteration"]
+__all__ = ["as_fp32", "gram_basis", "orthonormal", "ritz", "single_thread_if_small",
+           "subspace_iteration"]
 
 #: CPU problems up to this many elements run their factorizations on one thread (see below).
 _SMALL_CPU = 1 << 18
@@ -89,3 +91,8 @@ def gram_basis(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     vals, vecs = _sym_eig_desc(_gram(x))
     return vals, vecs.to(x.dtype)
+
+
+def as_fp32(v: float) -> float:
+    """``v`` rounded as an fp32 buffer holds it: a host copy and the saved state agree."""
+    return struct.unpack("f", struct.pack("f", v))[0]

@@ -21,27 +21,19 @@ was projected with.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._linalg import gram_basis, ritz, single_thread_if_small, subspace_iteration
+from ._basis import BasisUpdates
+from ._linalg import as_fp32, single_thread_if_small
 from .config import LaserConfig
 from .errors import ConfigError
 from .packed import Packed, nbytes
 
 __all__ = ["SubspaceTracker"]
 
-#: widths up to this are reset exactly, from the width x width Gram matrix
-_EXACT_MAX = 256
-#: energy fraction treated as rounding noise, so that ``energy=1.0`` on exactly low-rank data
-#: keeps its rank instead of every numerically-zero direction.
-_TAIL_FLOOR = 1e-10
-#: subspace iterations of a randomized reset (the usual niter=2 of randomized SVD).
-_RESET_ITERS = 2
-_SEED = 0x1A5E2
 #: a basis is built to drop at most this share of what the trigger allows to be dropped
 #: (hysteresis between the build target and the refine trigger)
 _HYSTERESIS = 0.5
@@ -62,11 +54,6 @@ def _compact(t: Tensor) -> Tensor:
     if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.clone(memory_format=torch.contiguous_format)
-
-
-def _f32(v: float) -> float:
-    """``v`` rounded as the fp32 buffer holding it: host copy and saved state agree."""
-    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 class _Pending:
@@ -93,7 +80,7 @@ class _Pending:
         return self.energies.tolist()
 
 
-class SubspaceTracker(nn.Module):
+class SubspaceTracker(BasisUpdates, nn.Module):
     """Tracked low-rank basis of one site's activations (last dim = ``width``).
 
     ``state_dict`` holds the basis and fidelities (``load_state_dict`` also takes a tracker
@@ -307,128 +294,9 @@ class SubspaceTracker(nn.Module):
             basis, coeffs, fid = self._reset(xc, total)
         return self._store(x, basis, coeffs, mean, fid, new_basis=True)
 
-    def _cap(self) -> int:
-        return min(self.width, self.config.max_rank or self.width)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # A private, seeded generator: the tracker must not consume the global RNG stream,
-        # or a compressed model would draw different dropout masks than the original.
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_SEED + self.calls)
-        return gen
-
-    def _random(self, rows: int, cols: int, like: Tensor) -> Tensor:
-        gen = self._generator(like.device)
-        return torch.randn(rows, cols, generator=gen, device=like.device, dtype=like.dtype)
-
-    def _refine(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
-        """A basis keeping at least the trigger's share of ``xc``: power update, else reset."""
-        k = self.basis.shape[1]
-        if self.config.power_iters > 0 and 0 < k < self.width:
-            self.power_updates += 1
-            got = self._power_update(xc, total)
-            if got is not None:
-                return got
-        return self._reset(xc, total)
-
-    def _power_update(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float] | None:
-        """Warm-started block subspace iteration on ``[Q, random]``; None if not enough."""
-        k = self.basis.shape[1]
-        extra = min(self.config.oversample, self.width - k)
-        start = self.basis
-        if extra > 0:
-            start = torch.cat([self.basis, self._random(self.width, extra, xc)], dim=1)
-        q = subspace_iteration(xc, start, self.config.power_iters)
-        energies, basis, coeffs = ritz(xc, q)
-        if self.config.rank is None:
-            # energy mode: the rank follows the data both ways; the extra columns' energies
-            # are exact for the directions they span, so a few more directions are taken
-            # instead of a reset, and directions no longer needed are dropped
-            keep = self._pick_prefix(energies, total, self.build_target())
-            if keep is None:
-                keep = q.shape[1]
-        else:
-            keep = k
-        fid = min(1.0, float(energies[:keep].sum()) / total)
-        if fid < self.threshold():
-            return None
-        return basis[:, :keep], coeffs[:, :keep], fid
-
-    def _reset(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
-        """Rebuild the basis: smallest k keeping the build target, or the
-        fixed rank. Exact from the Gram matrix up to width `_EXACT_MAX`, randomized above."""
-        self.resets += 1
-        n, d = xc.shape
-        fixed = self.config.target_rank(d)
-        target = self.build_target()
-        p = self.config.oversample
-        q = (fixed if fixed is not None else max(2 * self.basis.shape[1], 16)) + p
-        basis = None
-        while d > _EXACT_MAX and 2 * q <= min(n, d):
-            start = self.basis[:, : min(self.basis.shape[1], q)]
-            start = torch.cat([start, self._random(d, q - start.shape[1], xc)], dim=1)
-            energies, cand, _ = ritz(xc, subspace_iteration(xc, start, _RESET_ITERS))
-            # only the leading q - p Ritz values are reliable after two iterations
-            k = fixed if fixed is not None else self._pick_prefix(energies[: q - p], total, target)
-            if k is None and self._cap() <= q - p:
-                k = self._cap()  # max_rank reached: more columns cannot help
-            if k is not None:
-                basis = cand[:, :k]
-                break
-            q *= 2
-        if basis is None:
-            basis = self._exact(xc, fixed, target)
-        coeffs = xc @ basis
-        fid = min(1.0, float(coeffs.square().sum()) / total)
-        self._reset_fid = _f32(fid)
-        self.reset_fidelity.fill_(fid)
-        return basis, coeffs, fid
-
-    def _exact(self, xc: Tensor, fixed: int | None, target: float) -> Tensor:
-        """Leading directions from the smaller Gram matrix (features ``XᵀX`` or rows ``XXᵀ``)."""
-        n, d = xc.shape
-        if d <= n:
-            energies, vecs = gram_basis(xc)
-        else:  # few rows: the directions are Xᵀ u / σ for the row Gram's eigenpairs
-            energies, u = gram_basis(xc.T)
-            keep = int((energies > energies[0] * 1e-12).sum()) if energies[0] > 0 else 1
-            vecs = torch.linalg.qr(xc.T @ u[:, :keep], mode="reduced").Q
-            energies = energies[:keep]
-        if fixed is not None:
-            k = fixed
-        else:
-            budget = (1.0 - target + _TAIL_FLOOR) * float(energies.sum())
-            tail = energies.sum() - torch.cumsum(energies, 0)  # tail[k-1]: dropped keeping k
-            k = min(self._cap(), int(torch.nonzero(tail <= budget)[0]) + 1)
-        return vecs[:, : min(k, vecs.shape[1])]
-
-    def _pick_prefix(self, energies: Tensor, total: float, target: float) -> int | None:
-        """Smallest k whose leading energies reach ``target * total``."""
-        need = min(target, 1.0 - _TAIL_FLOOR) * total
-        hits = torch.nonzero(torch.cumsum(energies, 0) >= need)
-        if hits.numel() == 0:
-            return None
-        return min(self._cap(), int(hits[0]) + 1, energies.numel())
-
-    def _shrink(self, energies: list[float], total: float) -> None:
-        """Drop trailing columns the last activation did not need (energy mode only)."""
-        k = len(energies)
-        if self.config.rank is not None or k <= 1 or total <= 0.0:
-            return
-        need, acc, keep = min(self.build_target(), 1.0 - _TAIL_FLOOR) * total, 0.0, k
-        for i, e in enumerate(energies):  # columns are ordered by energy (Ritz/Gram order)
-            acc += e
-            if acc >= need:
-                keep = min(self._cap(), i + 1)
-                break
-        if keep < k:  # a view: its storage is pinned by the records made with it anyway
-            self.shrinks += 1
-            self.basis = self.basis[:, :keep]
-            self.rank.fill_(keep)
-
     def _note(self, fid: float) -> None:
         """Record a decided call's fidelity (host numbers; the buffers follow when read)."""
-        fid = _f32(min(1.0, max(0.0, fid)))  # rounding can leave a hair outside [0, 1]
+        fid = as_fp32(min(1.0, max(0.0, fid)))  # rounding can leave a hair outside [0, 1]
         self._last_fid = fid
         self._min_fid = min(self._min_fid, fid)
 
