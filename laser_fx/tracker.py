@@ -13,9 +13,10 @@ activation is re-projected, so every stored record keeps at least the trigger's 
 
 Slow paths stay rare by construction: a basis is built to keep half of what the trigger
 allows to be dropped (``energy`` 0.999 builds at 0.9995), so the next, slightly different
-activation still clears the trigger. Every basis
-change assigns a NEW tensor to ``basis``, so each record keeps exactly the basis version it
-was projected with.
+activation still clears the trigger; and calls from different call sites have their own
+trackers (`laser_fx.wrapper.TrackerStore.tracker`). Every basis change assigns a NEW tensor
+to ``basis`` (or a prefix view of it), so each record keeps the basis version it was
+projected with. How bases are built and refined: `laser_fx._basis`.
 """
 
 from __future__ import annotations
