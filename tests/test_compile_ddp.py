@@ -264,3 +264,25 @@ def test_compiled_trm_runs_without_tracing_the_step_hooks(mode):
                for p in model.parameters() if p.requires_grad)
     assert stats["unique_graphs"] <= 8, dict(stats)
     torch._dynamo.reset()
+
+
+def test_compiled_block_is_built_once_kept_out_of_the_module_tree_and_not_copied(dynamo):
+    model, inputs = ZOO["unrolled_rnn"](steps=3, d_hidden=16)
+    laser_fx.compress(model, config=LaserConfig(min_numel=0, compile_backend="eager"),
+                      example_inputs=inputs)
+    wrapper = next(m for m in model.modules() if isinstance(m, SiteWrapper))
+    keys = set(model.state_dict())
+    modules = [n for n, _ in model.named_modules()]
+    compiled = torch.compile(model, backend="eager")
+    _loss(compiled(*inputs)).backward()
+    block = wrapper.compiled_block()
+    assert block is wrapper.compiled_block() is not wrapper.wrapped  # built once
+    assert set(model.state_dict()) == keys and [n for n, _ in model.named_modules()] == modules
+    clone = copy.deepcopy(model)  # compiled code does not travel; rebuilt on first use
+    clone_wrapper = next(m for m in clone.modules() if isinstance(m, SiteWrapper))
+    assert "_compiled" not in clone_wrapper.__dict__ and "_compiled" in wrapper.__dict__
+    assert clone_wrapper.compiled_block() is not clone_wrapper.wrapped
+    # without a backend the block runs as it is
+    plain = SiteWrapper(nn.Linear(2, 2), wrapper.site, wrapper.mechanism,
+                        LaserConfig(compile_backend=None))
+    assert plain.compiled_block() is plain.wrapped

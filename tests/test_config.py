@@ -47,6 +47,8 @@ _BAD = [
     ("per_site", {"net.(": LaserConfig()}, "keys must be valid regular expressions"),
     ("per_site", {3: LaserConfig()}, "keys must be regular expressions \\(str\\)"),
     ("per_site", {"net.*": {"rank": 4}}, "values must be LaserConfig"),
+    ("compile_backend", "", "must be None or a torch.compile backend name"),
+    ("compile_backend", 3, "must be None or a torch.compile backend name"),
     ("version", 2, "must be 1"),
     ("version", 0, "must be an integer >= 1"),
 ]
