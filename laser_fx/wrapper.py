@@ -15,6 +15,7 @@ device on its next call). ``copy.deepcopy`` and pickling carry them along.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 from typing import Any
@@ -65,7 +66,7 @@ def call_site(root: tuple[str, int] | None = None) -> tuple[tuple[str, int], ...
 
 def forward_origin(model: nn.Module) -> tuple[str, int] | None:
     """``(file, first line)`` of ``model``'s forward (`call_site`'s ``root``)."""
-    code = getattr(type(model).forward, "__code__", None)
+    code = getattr(inspect.unwrap(type(model).forward), "__code__", None)  # through decorators
     return None if code is None else (code.co_filename, code.co_firstlineno)
 
 
