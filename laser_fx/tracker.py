@@ -216,8 +216,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             self._shrink(columns, total)
             return
         self.revisions += 1
-        xc, mean = self._centered(pending.x)
-        total = float(torch.linalg.vector_norm(xc).square())
+        xc, mean = self._centered(pending.x)  # the same values the call projected
         with single_thread_if_small(xc):
             basis, coeffs, fid = self._refine(xc, total)
         self._store(pending.x, basis, coeffs, mean, fid, new_basis=True, into=pending.packed)

@@ -37,7 +37,7 @@ WRAPPED = "_laser_fx_module"
 _PREFIX = WRAPPED + "."
 #: attributes a `SiteWrapper` keeps for itself; every other write goes to the wrapped module
 _OWN = frozenset({"site", "mechanism", "config", "stats", "trackers", "bypass", "calibration",
-                  "slot_energy", "role", "step_calls", "roles", "root"})
+                  "slot_energy", "role", "roles", "root"})
 #: separates a slot from its role in a tracker's key (``"in0@3"``)
 _ROLE = "@"
 #: call sites beyond this many share the last role's trackers
@@ -97,8 +97,6 @@ class TrackerStore:
     slot_energy: dict[str, float] | None = None
     #: the role of the call in progress (an index of its call site), or None
     role: int | None = None
-    #: grad-enabled calls of the site since the step began
-    step_calls: int = 0
     #: ``{call site: role}`` (`call_site`)
     roles: dict[tuple, int] | None = None
     #: the compressed model's forward (`forward_origin`): call sites stop there
@@ -139,7 +137,6 @@ class TrackerStore:
         if role is None:
             role = self.roles[site] = min(len(self.roles), _MAX_ROLES - 1)
         self.role = role
-        self.step_calls += 1
 
     def settle(self) -> None:
         """Take every tracker's pending decision (`SubspaceTracker.settle`)."""
@@ -147,9 +144,8 @@ class TrackerStore:
             trk.settle()
 
     def begin_step(self) -> None:
-        """Start a new step's byte accounting and call positions."""
+        """Start a new step's byte accounting."""
         self.stats = StorageStats()
-        self.step_calls = 0
         for trk in self.trackers.values():
             trk.begin_step()
 
@@ -157,7 +153,6 @@ class TrackerStore:
         """Forget every basis and counter (as if freshly compressed)."""
         self.trackers = {}
         self.stats = StorageStats()
-        self.step_calls = 0
         self.roles = None
 
 
