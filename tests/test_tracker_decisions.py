@@ -100,9 +100,13 @@ def test_the_pending_activation_is_released_once_decided():
     tracker.compress(x)
     del x
     gc.collect()
-    assert tracker._pending.x.untyped_storage().data_ptr() == storage.data_ptr()  # held for
-    tracker.settle()  # a possible revision until decided
-    assert tracker._pending is None
+    held = tracker._pending.x
+    assert held.untyped_storage().data_ptr() == storage.data_ptr()  # held for a possible
+    alive = weakref.ref(held)  # revision until decided, then nothing holds it
+    del held, storage
+    tracker.settle()
+    gc.collect()
+    assert alive() is None
 
 
 @settings(deadline=None, max_examples=40)
