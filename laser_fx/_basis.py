@@ -56,24 +56,31 @@ class BasisUpdates:
         gen = self._generator(like.device)
         return torch.randn(rows, cols, generator=gen, device=like.device, dtype=like.dtype)
 
-    def _refine(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
-        """A basis keeping at least the trigger's share of ``xc``: power update, else reset."""
+    def _refine(self, xc: Tensor, total: float, coeffs: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, float]:
+        """A basis keeping at least the trigger's share of ``xc``: power update, else reset.
+        ``coeffs``: ``xc @ basis`` when the caller has it (the call's projection)."""
         k = self.basis.shape[1]
         if self.config.power_iters > 0 and 0 < k < self.width:
             self.power_updates += 1
-            got = self._power_update(xc, total)
+            got = self._power_update(xc, total, coeffs)
             if got is not None:
                 return got
         return self._reset(xc, total)
 
-    def _power_update(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float] | None:
-        """Warm-started block subspace iteration on ``[Q, random]``; None if not enough."""
+    def _power_update(self, xc: Tensor, total: float, coeffs: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, float] | None:
+        """Warm-started block subspace iteration on ``[Q, random]``; None if not enough.
+        With ``coeffs`` (``xc @ Q``), only the random columns are multiplied by ``xc``."""
         k = self.basis.shape[1]
         extra = min(self.config.oversample, self.width - k)
-        start = self.basis
+        start, x_start = self.basis, coeffs
         if extra > 0:
-            start = torch.cat([self.basis, self._random(self.width, extra, xc)], dim=1)
-        q = subspace_iteration(xc, start, self.config.power_iters)
+            rand = self._random(self.width, extra, xc)
+            start = torch.cat([self.basis, rand], dim=1)
+            if coeffs is not None:
+                x_start = torch.cat([coeffs, xc @ rand], dim=1)
+        q = subspace_iteration(xc, start, self.config.power_iters, x_start)
         energies, basis, coeffs = ritz(xc, q)
         if self.config.rank is None:
             # energy mode: the rank follows the data both ways; the extra columns' energies

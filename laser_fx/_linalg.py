@@ -47,9 +47,19 @@ def orthonormal(m: Tensor) -> Tensor:
     return torch.linalg.qr(m, mode="reduced").Q
 
 
-def subspace_iteration(x: Tensor, start: Tensor, iters: int) -> Tensor:
-    """Orthonormal basis of ``(XᵀX)^iters · start``; matrix-free (never forms XᵀX)."""
-    q = orthonormal(start)
+def subspace_iteration(x: Tensor, start: Tensor, iters: int, x_start: Tensor | None = None
+                       ) -> Tensor:
+    """Orthonormal basis of ``(XᵀX)^iters · start``; matrix-free (never forms XᵀX).
+
+    ``x_start``: ``X @ start`` when the caller has it (a warm start's ``X Q`` is the call's
+    coefficients); the first iteration then starts from it, without orthonormalizing
+    ``start`` first (the span is the same; the QR after the iteration restores the scale).
+    """
+    if x_start is not None and iters > 0:
+        q = orthonormal(x.T @ x_start)
+        iters -= 1
+    else:
+        q = orthonormal(start)
     for _ in range(iters):
         q = orthonormal(x.T @ (x @ q))
     return q

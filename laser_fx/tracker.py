@@ -59,13 +59,17 @@ def _compact(t: Tensor) -> Tensor:
 
 class _Pending:
     """The last call, until `SubspaceTracker.settle` decides about it: its record, the
-    activation (for a revision) and the energies ``[‖X - 1mᵀ‖², ‖C_1‖², …, ‖C_k‖²]``."""
+    activation, its row mean and fp32 coefficients (what a revision starts from) and the
+    energies ``[‖X - 1mᵀ‖², ‖C_1‖², …, ‖C_k‖²]``."""
 
-    __slots__ = ("energies", "event", "packed", "x")
+    __slots__ = ("coeffs", "energies", "event", "mean", "packed", "x")
 
-    def __init__(self, packed: Packed, x: Tensor, energies: Tensor) -> None:
+    def __init__(self, packed: Packed, x: Tensor, mean: Tensor | None, coeffs: Tensor,
+                 energies: Tensor) -> None:
         self.packed = packed
         self.x = x
+        self.mean = mean
+        self.coeffs = coeffs  # the record's own tensor when it is stored in fp32
         self.event = None
         if energies.device.type == "cuda":  # started now, read one call later: no stall
             host = torch.empty(energies.shape, dtype=energies.dtype, pin_memory=True)
@@ -190,7 +194,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         coeffs, mean, energies = self._project(x)
         packed = self._store(x, self.basis, coeffs, mean, None, new_basis=False)
         if not packed.is_dense:
-            self._pending = _Pending(packed, x, energies)
+            self._pending = _Pending(packed, x, mean, coeffs, energies)
         return packed
 
     @torch.no_grad()
@@ -216,9 +220,9 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             self._shrink(columns, total)
             return
         self.revisions += 1
-        xc, mean = self._centered(pending.x)  # the same values the call projected
+        xc, mean = self._centered(pending.x, pending.mean)  # the values the call projected
         with single_thread_if_small(xc):
-            basis, coeffs, fid = self._refine(xc, total)
+            basis, coeffs, fid = self._refine(xc, total, pending.coeffs)
         self._store(pending.x, basis, coeffs, mean, fid, new_basis=True, into=pending.packed)
 
     def decided(self, p: Packed) -> Packed:
@@ -275,11 +279,13 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         total = torch.linalg.vector_norm(xc).square().reshape(1)
         return coeffs, mean, torch.cat([total, coeffs.square().sum(0)])
 
-    def _centered(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _centered(self, x: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x`` as fp32 rows, less their mean (``mean``: already computed) if centering."""
         xm = x.reshape(-1, self.width).float()
         if not self.config.center:
             return xm, None
-        mean = xm.mean(0)  # a component shared by every row is kept exactly, aside
+        if mean is None:
+            mean = xm.mean(0)  # a component shared by every row is kept exactly, aside
         return xm - mean, mean
 
     def _first(self, x: Tensor, xc: Tensor, mean: Tensor | None) -> Packed:

@@ -66,6 +66,28 @@ def test_subspace_iteration_finds_an_exactly_low_rank_span(rows, cols, rank, see
     assert kept >= 1 - 1e-5
 
 
+@settings(deadline=None, max_examples=40)
+@given(st.integers(8, 80), st.integers(4, 40), st.integers(1, 6), st.integers(1, 3), SEED)
+def test_subspace_iteration_from_a_known_product_spans_what_the_plain_one_spans(
+        rows, cols, k, iters, seed):
+    # the tracker's warm start hands in X @ [Q, R] (the call's coefficients and fresh
+    # columns) instead of [Q, R]: the span after the iterations must be the same
+    x = data(rows, cols, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    k = min(k, cols, rows)
+    q0 = torch.linalg.qr(torch.randn(cols, k, generator=g)).Q
+    start = torch.cat([q0[:, : max(k - 1, 1)], torch.randn(cols, k - max(k - 1, 1), generator=g)], 1)
+    plain = subspace_iteration(x.double(), start.double(), iters)
+    known = subspace_iteration(x.double(), start.double(), iters, x.double() @ start.double())
+    assert known.shape == plain.shape
+    torch.testing.assert_close(known.T @ known, torch.eye(known.shape[1], dtype=known.dtype),
+                               rtol=0, atol=1e-8)
+    # same captured energy (the spans agree where X has energy)
+    e_plain = float((x.double() @ plain).square().sum())
+    e_known = float((x.double() @ known).square().sum())
+    assert abs(e_plain - e_known) <= 1e-8 * max(float(x.double().square().sum()), 1e-30)
+
+
 @given(st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-1e30,
                  max_value=1e30))
 def test_as_fp32_is_what_an_fp32_buffer_holds(v):
