@@ -107,6 +107,7 @@ class CompressedRegion:
         tracker_factory: Callable[[int], Any] | None = None,
         slot_tracker: Callable[[int, int, torch.Tensor], Any] | None = None,
         widths: Iterable[int] = (),
+        rows: int | None = None,
         stats: StorageStats | None = None,
     ) -> None:
         if not isinstance(config, LaserConfig):
@@ -126,6 +127,9 @@ class CompressedRegion:
         # so each saved activation is tracked across recursion steps by its own basis.
         self.slot_tracker = slot_tracker
         self.widths = {int(w) for w in widths} | set(self.trackers)
+        # a compiled block saves fused tensors (e.g. a gate and up projection as one
+        # (rows, 2 * hidden) output): any width counts when the rows are the call's
+        self.rows = rows
         self._slots = 0
         self.stats = StorageStats() if stats is None else stats
         self._cache: dict[tuple[Any, ...], tuple[weakref.ref[Any], _Handle]] = {}
@@ -163,7 +167,8 @@ class CompressedRegion:
                 self.trackers[width] = self.tracker_factory(width)
                 self.widths.add(width)
             return width if width in self.widths else None
-        if width not in self.widths:
+        if width not in self.widths and not (
+                self.rows is not None and t.ndim in (2, 3) and t.numel() // width == self.rows):
             return None
         if t.ndim == 3:
             if self.batch_shape is not None and tuple(t.shape[:2]) != self.batch_shape:
