@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from .config import LaserConfig
 from .ops.checkpoint import is_recomputing
+from .ops.traced import register_site, traceable, traced_checkpoint
 from .packed import StorageStats
 from .sites import Site
 from .tracker import SubspaceTracker
@@ -37,7 +39,7 @@ WRAPPED = "_laser_fx_module"
 _PREFIX = WRAPPED + "."
 #: attributes a `SiteWrapper` keeps for itself; every other write goes to the wrapped module
 _OWN = frozenset({"site", "mechanism", "config", "stats", "trackers", "bypass", "calibration",
-                  "slot_energy", "role", "roles", "root"})
+                  "slot_energy", "role", "roles", "root", "op_key"})
 #: separates a slot from its role in a tracker's key (``"in0@3"``)
 _ROLE = "@"
 #: call sites beyond this many share the last role's trackers
@@ -47,21 +49,35 @@ _SITE_FRAMES = 4
 _INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
 
 
-def call_site(root: tuple[str, int] | None = None) -> tuple[tuple[str, int], ...]:
+def call_site(root: tuple[str, int] | None = None,
+              frames: Iterable[tuple[str, int, int]] | None = None
+              ) -> tuple[tuple[str, int], ...]:
     """Where the current call comes from: the innermost `_SITE_FRAMES` frames of user code
     (files outside torch and laser_fx), as ``(file, line)`` pairs, up to the compressed
     model's own forward (``root``: its ``(file, first line)``), so that who calls the model
     (a training loop, a measurement) does not matter. A recursion written as
-    ``z = net(z, y + x)`` in a loop and ``y = net(y, z)`` after it has two call sites."""
-    frame, site = sys._getframe(1), []
-    while frame is not None and len(site) < _SITE_FRAMES:
-        code = frame.f_code
-        if not code.co_filename.startswith(_INTERNAL):
-            site.append((code.co_filename, frame.f_lineno))
-            if (code.co_filename, code.co_firstlineno) == root:
+    ``z = net(z, y + x)`` in a loop and ``y = net(y, z)`` after it has two call sites.
+
+    ``frames``: ``(file, line, first line)`` of each frame, innermost first, when the call
+    is not this Python stack's (dynamo tracing the model: its translators' frames); by
+    default the caller's stack."""
+    if frames is None:
+        frames = _python_frames(sys._getframe(1))
+    site = []
+    for filename, line, first in frames:
+        if len(site) == _SITE_FRAMES:
+            break
+        if not filename.startswith(_INTERNAL):
+            site.append((filename, line))
+            if (filename, first) == root:
                 break
-        frame = frame.f_back
     return tuple(site)
+
+
+def _python_frames(frame: Any) -> Iterator[tuple[str, int, int]]:
+    while frame is not None:
+        yield frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_firstlineno
+        frame = frame.f_back
 
 
 def forward_origin(model: nn.Module) -> tuple[str, int] | None:
@@ -130,13 +146,16 @@ class TrackerStore:
 
     def next_role(self) -> None:
         """A grad-enabled call begins: its role is its call site's (`call_site`)."""
+        self.role = self.role_of(call_site(self.root))
+
+    def role_of(self, site: tuple[tuple[str, int], ...]) -> int:
+        """The role of calls from ``site`` (a new one for a new site)."""
         if self.roles is None:
             self.roles = {}
-        site = call_site(self.root)
         role = self.roles.get(site)
         if role is None:
             role = self.roles[site] = min(len(self.roles), _MAX_ROLES - 1)
-        self.role = role
+        return role
 
     def settle(self) -> None:
         """Take every tracker's pending decision (`SubspaceTracker.settle`)."""
@@ -175,6 +194,7 @@ class SiteWrapper(TrackerStore, nn.Module):
         self.config = config
         self.stats = StorageStats()
         self.trackers: dict[str, SubspaceTracker] = {}
+        self.op_key = register_site(self)  # how a compiled graph names this site
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
@@ -222,6 +242,8 @@ class SiteWrapper(TrackerStore, nn.Module):
         if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             return module(*args, **kwargs)
         if torch.compiler.is_compiling():
+            if traceable(self, args, kwargs):
+                return traced_checkpoint(self, args)
             return self._opaque_call(args, kwargs)
         self.next_role()
         return self.mechanism.call(self, args, kwargs)
@@ -250,6 +272,10 @@ class SiteWrapper(TrackerStore, nn.Module):
         state = self.__dict__.copy()
         state.pop("_compiled", None)  # rebuilt on first use; compiled code does not travel
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.op_key = register_site(self)  # a copy is a site of its own
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, mechanism={self.mechanism.name!r}"

@@ -1,0 +1,332 @@
+"""The compressed checkpoint inside a compiled graph: two ``torch.library`` custom ops.
+
+Under ``torch.compile`` a grad-enabled call of a checkpointed block whose arguments are all
+tensors is traced as `_TracedCheckpoint`, an autograd.Function dynamo traces whole:
+
+* forward: the block itself, traced into the caller's graph (no graph break: the recursion
+  and its blocks compile as one graph, the block running as an inference graph that saves
+  nothing), then ``laser_fx::pack``, which stores the inputs with the site's trackers and
+  returns a token (a 0-d CPU int64 tensor);
+* backward: ``laser_fx::rerun``, which rebuilds the inputs from the token's record, re-runs
+  the block (`SiteWrapper.compiled_block`) with grad enabled and returns the gradients of
+  the inputs and parameters.
+
+The trackers' data-dependent Python (ranks, decisions) runs inside the two ops, opaque to
+the compiler; their fake implementations give the compiler shapes only. A record lives as
+long as its token: autograd holds the token for backward, so a graph that is freed (or
+never backpropagated) frees its records.
+
+What differs from the eager checkpoint (`laser_fx.ops.checkpoint`), and why:
+
+* the decision about a call's basis is taken inside ``pack``, not one call late: once
+  ``pack`` returns, the compiled graph may reuse the activation's buffer, so nothing may
+  keep a reference to it (a record stored dense is a copy);
+* a call's role (its call site, `laser_fx.wrapper.call_site`) is read from dynamo's
+  translators while tracing, as the Python stack inside a compiled graph shows no user
+  lines: the same roles as eager calls from the same lines;
+* parameter gradients are returned to autograd (the compiled backward adds them up), not
+  accumulated into ``.grad`` during the re-run;
+* the compiled forward draws random numbers from the graph's own stream, which a re-run
+  cannot replay: blocks with an active dropout module take the opaque path
+  (`traceable`), and a re-run that draws random numbers anyway raises instead of giving
+  gradients for other dropout masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._isolated import cuda_devices, restore_buffers
+from ..errors import LaserFxError
+from ._param_grads import tensor_hooks_suspended
+from .checkpoint import _autocast_state, _recomputing
+
+__all__ = ["register_site", "traceable", "traced_checkpoint"]
+
+#: ``op key -> weakref(SiteWrapper)``; a key is a constant in the compiled graph
+_SITES: dict[int, weakref.ref] = {}
+#: ``token id -> _Record``; an entry lives as long as its token tensor
+_RECORDS: dict[int, _Record] = {}
+_KEYS = itertools.count(1)
+_TOKENS = itertools.count(1)
+#: dtypes an input may have, by code (the rerun op's fake needs each input's dtype)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+
+def register_site(wrapper: Any) -> int:
+    """A new op key for ``wrapper`` (held weakly: a deleted model frees its entry)."""
+    key = next(_KEYS)
+    _SITES[key] = weakref.ref(wrapper, lambda _, key=key: _SITES.pop(key, None))
+    return key
+
+
+def _site(key: int) -> Any:
+    ref = _SITES.get(key)
+    wrapper = None if ref is None else ref()
+    if wrapper is None:
+        raise LaserFxError(
+            f"internal: a compiled graph calls laser_fx site {key}, whose model no longer "
+            "exists; compile the model again after compressing it."
+        )
+    return wrapper
+
+
+def traceable(wrapper: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether this grad-enabled call can be traced as `_TracedCheckpoint` (else it is one
+    opaque call): the checkpoint mechanism, every argument a floating tensor, no keyword
+    arguments, and no dropout module in training mode (see the module docstring)."""
+    if wrapper.mechanism.name != "checkpoint" or kwargs or not args:
+        return False
+    for a in args:
+        if not isinstance(a, Tensor) or a.dtype not in _DTYPES:
+            return False
+    for m in wrapper.wrapped.modules():
+        if isinstance(m, _DROPOUT) and m.training and m.p > 0:
+            return False
+    return True
+
+
+def traced_checkpoint(wrapper: Any, args: tuple) -> Any:
+    """The grad-enabled call ``wrapper.wrapped(*args)`` as `_TracedCheckpoint` (traced by
+    dynamo: call it only while compiling, after `traceable`)."""
+    params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
+    key = wrapper.op_key
+    return _TracedCheckpoint.apply(key, _traced_role(key), len(args), *args, *params)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_role(key: int) -> int:
+    """The role (`SiteWrapper.role_of`) of the call dynamo is tracing: its call site read
+    from dynamo's translators (one per frame being traced), since the Python stack inside
+    a compiled graph shows no user lines. Run by dynamo at trace time; a constant of the
+    graph."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    from ..wrapper import call_site
+
+    wrapper = _site(key)
+    root = InstructionTranslator.current_tx()
+    frames, tx = [], root.output.current_tx  # the innermost translator (inlined calls)
+    while tx is not None:
+        frames.append((tx.f_code.co_filename, tx.lineno, tx.f_code.co_firstlineno))
+        tx = tx.parent
+    return wrapper.role_of(call_site(wrapper.root, frames))
+
+
+class _TracedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, key: int, role: int, n: int, *flat: Tensor) -> Any:
+        xs = flat[:n]
+        out = _SITES[key]().wrapped(*xs)
+        ctx.save_for_backward(pack(key, role, list(xs)), *flat[n:])
+        ctx.key = key
+        ctx.metas = [m for x in xs for m in (_DTYPES.index(x.dtype), x.ndim, *x.shape)]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        token, *params = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[3:])
+        got = iter(rerun(ctx.key, token, list(grads), params, ctx.metas, needs))
+        return (None, None, None, *(next(got) if need else None for need in needs))
+
+
+class _Record:
+    """One call's stored inputs (a tracker's record, or an exact copy) and what its backward
+    checks: the parameters' versions and the autocast state of the forward."""
+
+    __slots__ = ("autocast", "inputs", "versions")
+
+    def __init__(self, wrapper: Any, role: int, tensors: Sequence[Tensor]) -> None:
+        self.autocast = _autocast_state()
+        self.versions = [(p.shape, weakref.ref(p), p._version)
+                         for p in wrapper.wrapped.parameters() if p.requires_grad]
+        cfg, stats = wrapper.config, wrapper.stats
+        conv, other = set(wrapper.site.conv_widths), set(wrapper.site.widths)
+        other -= conv
+        wrapper.role = role
+        self.inputs: list[Any] = []
+        for i, t in enumerate(tensors):
+            t = t.detach()
+            if t.ndim < 2 or t.numel() < cfg.min_numel:
+                copy = t.clone()  # the compiled graph may reuse t's buffer once we return
+                stats.add_passthrough(copy)
+                self.inputs.append(copy)
+                continue
+            dim = (1 if conv and t.ndim >= 3 and t.shape[1] in conv and t.shape[-1] not in other
+                   else -1)
+            moved = t if dim == -1 else t.movedim(dim, -1)
+            tracker = wrapper.tracker(f"in{i}", int(moved.shape[-1]), moved)
+            packed = tracker.compress(moved)
+            tracker.settle()  # decide now, while the activation is still this call's
+            if packed.is_dense:
+                packed.revise(dense=packed.dense.clone())
+            stats.add_packed(moved, packed)
+            self.inputs.append((tracker, dim, packed))
+
+    def rebuild(self, needs: Sequence[bool]) -> list[Tensor]:
+        out = []
+        for entry, need in zip(self.inputs, needs, strict=True):
+            if isinstance(entry, Tensor):
+                x = entry
+            else:
+                tracker, dim, packed = entry
+                x = tracker.decompress(packed)
+                x = x if dim == -1 else x.movedim(-1, dim)
+            out.append(x.detach().requires_grad_(need))
+        return out
+
+    def check_versions(self, name: str) -> None:
+        for shape, ref, version in self.versions:
+            p = ref()
+            if p is not None and p._version != version:
+                raise LaserFxError(
+                    f"The compressed checkpoint of {name} needs its parameter of shape "
+                    f"{tuple(shape)} for backward, but it was modified in place after the "
+                    f"forward (version {version} -> {p._version}); its gradients would be "
+                    "computed at the new values. Do the in-place update after backward "
+                    "(e.g. optimizer.step() after loss.backward())."
+                )
+
+
+def _finalize(token_id: int) -> None:
+    _RECORDS.pop(token_id, None)
+
+
+@torch.library.custom_op("laser_fx::pack", mutates_args=())
+def pack(key: int, role: int, tensors: list[Tensor]) -> Tensor:
+    """Store one call's inputs with the trackers of its site and role (`_traced_role`);
+    returns the record's token."""
+    wrapper = _site(key)
+    record = _Record(wrapper, role, tensors)
+    wrapper.stats.uncompressed_bytes += _estimated_saved_bytes(wrapper, tensors)
+    wrapper.stats.calls += 1
+    token_id = next(_TOKENS)
+    token = torch.tensor(token_id, dtype=torch.int64)
+    _RECORDS[token_id] = record
+    weakref.finalize(token, _finalize, token_id)
+    return token
+
+
+@pack.register_fake
+def _(key: int, role: int, tensors: list[Tensor]) -> Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+def _estimated_saved_bytes(wrapper: Any, tensors: Sequence[Tensor]) -> int:
+    """What the plain call would have saved for backward: the probe run's bytes saved per
+    byte of input, times this call's input bytes (the traced forward saves nothing to
+    measure with)."""
+    uses = [u for u in wrapper.site.uses if u.grad_enabled and u.nbytes and u.input_bytes]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if not uses:
+        return size
+    return int(size * sum(u.nbytes for u in uses) / sum(u.input_bytes for u in uses))
+
+
+def _metas(metas: Sequence[int]) -> list[tuple[torch.dtype, list[int]]]:
+    out, i = [], 0
+    while i < len(metas):
+        ndim = metas[i + 1]
+        out.append((_DTYPES[metas[i]], list(metas[i + 2: i + 2 + ndim])))
+        i += 2 + ndim
+    return out
+
+
+@contextlib.contextmanager
+def _autograd_enabled() -> Iterator[None]:
+    """Autograd inside a custom op's kernel, which runs below the autograd dispatch keys
+    (the re-run must record a graph to backpropagate through)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA):
+        keys = keys | torch._C.DispatchKeySet(key)
+    guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                            torch._C._dispatch_tls_local_exclude_set() - keys)
+    with guard, torch.enable_grad():
+        yield
+
+
+def _rng_states(devices: Sequence[int]) -> list[Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+
+
+@torch.library.custom_op("laser_fx::rerun", mutates_args=())
+def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], metas: list[int],
+          needs: list[bool]) -> list[Tensor]:
+    """Backward of one traced call: the gradients of the inputs and parameters ``needs``
+    asks for (in that order), from a re-run of the block on the token's record."""
+    wrapper = _site(key)
+    record = _RECORDS.get(int(token))
+    name = wrapper.site.name
+    if record is None:
+        raise LaserFxError(
+            f"The compressed checkpoint of {name} has no record for this backward: its graph "
+            "was already backpropagated (use retain_graph=True to backpropagate twice) or "
+            "freed."
+        )
+    record.check_versions(name)
+    n = len(record.inputs)
+    inputs = record.rebuild(needs[:n])
+    wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need]
+    wrt += [p for p, need in zip(params, needs[n:], strict=True) if need]
+    devices = cuda_devices(inputs)
+    block = wrapper.compiled_block()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(restore_buffers(wrapper.wrapped.modules()))
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        before = _rng_states(devices)
+        stack.enter_context(_autograd_enabled())
+        stack.enter_context(_recomputing())
+        for device, dtype in record.autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        out = block(*inputs)
+        after = _rng_states(devices)
+        outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
+        got: Sequence[Tensor | None] = [None] * len(wrt)
+        if pairs and wrt:
+            with tensor_hooks_suspended(params):
+                got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                          allow_unused=True)
+    if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+        raise LaserFxError(
+            f"The block {name} draws random numbers (dropout?). Under torch.compile its "
+            "forward ran inside the compiled graph with the graph's own random stream, which "
+            "the backward re-run cannot replay, so its gradients would be for other random "
+            "masks. Put the randomness in a dropout module (such blocks run as opaque calls "
+            "whose re-run replays the stream), exclude the block (`exclude=`), or compile "
+            "without laser_fx."
+        )
+    # an op's outputs may not alias its inputs nor each other (``h + inject`` hands the
+    # incoming gradient straight back, to both inputs)
+    taken = {t.untyped_storage().data_ptr() for t in (*grads, *params)}
+    out = []
+    for x, g in zip(wrt, got, strict=True):
+        if g is None:
+            g = torch.zeros_like(x)
+        elif g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
+
+
+@rerun.register_fake
+def _(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], metas: list[int],
+      needs: list[bool]) -> list[Tensor]:
+    device = grads[0].device
+    shapes = _metas(metas)
+    out = [torch.empty(shape, dtype=dtype, device=device)
+           for (dtype, shape), need in zip(shapes, needs, strict=False) if need]
+    out += [torch.empty_like(p) for p, need in zip(params, needs[len(shapes):], strict=True)
+            if need]
+    return out

@@ -1,0 +1,225 @@
+"""The compressed checkpoint traced into a compiled graph (`laser_fx.ops.traced`).
+
+Under ``torch.compile`` a grad-enabled call of a checkpointed block with tensor arguments
+is an autograd.Function dynamo traces (the block in the graph, ``laser_fx::pack`` after it,
+``laser_fx::rerun`` in backward): pinned here are ``fullgraph=True`` on a TRM, no graph
+break, the gradients and call-site roles of the eager compressed model, records freed with
+their graph, and the errors that keep gradients right (a parameter changed in place, a
+block drawing random numbers outside a dropout module). Backend ``aot_eager``: it traces
+the backward as inductor does, without a C++ build.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import laser_fx
+from laser_fx import LaserConfig, LaserFxError, SiteWrapper
+from laser_fx.ops import traced
+from laser_fx.testing.zoo import ZOO, TRMLike
+
+BACKEND = "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def dynamo():
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch._dynamo.reset()
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return out.float().cumsum(-1).pow(2).mean()
+
+
+def _grads(model: nn.Module, run, inputs) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(_loss(run(*inputs)), params)
+    return torch.cat([g.flatten() for g in got])
+
+
+class _UserTRM(TRMLike):
+    """TRMLike with its recursion in this (user) file: call sites are user lines."""
+
+    def _cycle(self, x, y, z):
+        for _ in range(self.n):
+            z = self.net(z, y + x)
+        y = self.net(y, z)
+        return y, z
+
+    def forward(self, tokens):
+        x = self.embed(tokens) * self.d ** 0.5
+        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+        with torch.no_grad():
+            y, z = self._cycle(x, y, z)
+        y, z = self._cycle(x, y, z)
+        return self.lm_head(y)
+
+
+def _trm(granularity: str = "block", **cfg):
+    _, inputs = ZOO["trm_attn"](batch=4, d=32, seq=16)
+    torch.manual_seed(0)
+    model = _UserTRM(d=32, seq=16, n=2, T=2)
+    config = LaserConfig(granularity=granularity, compile_backend=BACKEND, **cfg)
+    eager = laser_fx.compress(copy.deepcopy(model), config=config, example_inputs=inputs)
+    comp = laser_fx.compress(copy.deepcopy(model), config=config, example_inputs=inputs)
+    return model, inputs, eager, comp
+
+
+def _wrappers(model: nn.Module) -> list[SiteWrapper]:
+    return [m for m in model.modules() if isinstance(m, SiteWrapper)]
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_fullgraph_trm_gives_the_eager_gradients_and_roles(granularity):
+    model, inputs, eager, comp = _trm(granularity)
+    compiled = torch.compile(comp, backend=BACKEND, fullgraph=True)  # a graph break raises
+    exact = _grads(model, model, inputs)
+    for _ in range(3):  # cold trackers, then warm ones
+        g_c, g_e = _grads(comp, compiled, inputs), _grads(eager, eager, inputs)
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+    assert float(torch.nn.functional.cosine_similarity(g_c, exact, dim=0)) > 0.99
+    # the same call sites (TRM's z-line and y-line) made the same trackers, with the same bases
+    for wc, we in zip(_wrappers(comp), _wrappers(eager), strict=True):
+        assert wc.trackers.keys() == we.trackers.keys()
+        assert len({k.partition("@")[2] for k in wc.trackers}) == 2, wc.trackers.keys()
+        for k, t in wc.trackers.items():
+            torch.testing.assert_close(t.basis, we.trackers[k].basis, rtol=1e-4, atol=1e-5)
+        assert wc.stats.calls == we.stats.calls and wc.stats.stored_bytes > 0
+    assert not traced._RECORDS, "backward left records behind"
+
+
+def test_no_graph_break_and_the_block_is_traced_not_called():
+    _, inputs, _, comp = _trm()
+    explained = torch._dynamo.explain(comp)(*inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes
+           if n.op == "call_function"}
+    assert any("autograd_function_apply" in o for o in ops), ops
+
+
+def test_records_live_as_long_as_their_graph():
+    _, inputs, _, comp = _trm()
+    compiled = torch.compile(comp, backend=BACKEND)
+    out = compiled(*inputs)
+    assert len(traced._RECORDS) == 3  # the grad-enabled cycle: n + 1 calls of the block
+    del out
+    gc.collect()
+    assert not traced._RECORDS
+    loss = _loss(compiled(*inputs))
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in comp.parameters()]
+    loss.backward()  # retain_graph: the records are still there, and give the same gradients
+    for p, g in zip(comp.parameters(), first, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g)
+    del loss
+    gc.collect()
+    assert not traced._RECORDS
+
+
+def test_a_parameter_changed_in_place_before_backward_raises():
+    _, inputs, _, comp = _trm()
+    compiled = torch.compile(comp, backend=BACKEND)
+    loss = _loss(compiled(*inputs))
+    with torch.no_grad():
+        next(comp.net.parameters()).mul_(2)
+    # laser_fx's own check, or autograd's when the compiled graph saved the parameter too
+    with pytest.raises((LaserFxError, RuntimeError), match="modified"):
+        loss.backward()
+
+
+class _NoisyBlock(nn.Module):
+    """Random numbers outside a dropout module: the re-run cannot replay the graph's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(h)) * (1 + 0.1 * torch.rand_like(h))
+
+
+class _Loop(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = self.block(x)
+        return x
+
+
+def test_a_block_drawing_random_numbers_raises_in_backward():
+    x = torch.randn(8, 32, 16)
+    model = laser_fx.compress(_Loop(_NoisyBlock()), sites=["block"],
+                              config=LaserConfig(compile_backend=None), example_inputs=(x,))
+    compiled = torch.compile(model, backend=BACKEND)
+    with pytest.raises(LaserFxError, match="random"):
+        _loss(compiled(x)).backward()
+
+
+def test_a_dropout_block_takes_the_opaque_path_and_replays_its_masks():
+    block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.Tanh())
+    x = torch.randn(8, 32, 16)
+    model = laser_fx.compress(_Loop(block), sites=["block"],
+                              config=LaserConfig(energy=1.0, compile_backend=None),
+                              example_inputs=(x,))
+    wrapper = _wrappers(model)[0]
+    assert not traced.traceable(wrapper, (x,), {})
+    model.eval()
+    assert traced.traceable(wrapper, (x,), {})  # dropout off: traced
+    model.train()
+    compiled = torch.compile(model, backend=BACKEND)
+    torch.manual_seed(0)
+    out = compiled(x)
+    torch.manual_seed(0)
+    ref = _Loop(block)(x)  # the same masks: the opaque call runs the block eagerly
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(_loss(out), list(block.parameters()))
+    g_ref = torch.autograd.grad(_loss(ref), list(block.parameters()))
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_deep_copy_is_a_site_of_its_own():
+    _, inputs, _, comp = _trm()
+    twin = copy.deepcopy(comp)
+    keys = {w.op_key for w in _wrappers(comp)} & {w.op_key for w in _wrappers(twin)}
+    assert not keys
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    twin_eager = copy.deepcopy(twin)
+    g_twin = _grads(twin, torch.compile(twin, backend=BACKEND), inputs)
+    g_eager = _grads(twin_eager, twin_eager, inputs)  # the twin's weights, not the original's
+    torch.testing.assert_close(g_twin, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_another_batch_size_recompiles_and_stays_right():
+    model, inputs, eager, comp = _trm()
+    compiled = torch.compile(comp, backend=BACKEND)
+    for batch in (4, 6, 8):  # dynamo makes the batch dim dynamic on the second size
+        tokens = torch.randint(0, 12, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        g_c, g_e = _grads(comp, compiled, (tokens,)), _grads(eager, eager, (tokens,))
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_is_replayed_in_the_rerun():
+    model, inputs, eager, comp = _trm()
+    compiled = torch.compile(comp, backend=BACKEND)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_c = _grads(comp, compiled, inputs)
+        g_e = _grads(eager, eager, inputs)
+    cos = float(torch.nn.functional.cosine_similarity(g_c, g_e, dim=0))
+    assert cos > 0.999, cos
