@@ -164,7 +164,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
     # recompile it per width/rank until its limit, then run it eagerly anyway
     @torch.compiler.disable
     @torch.no_grad()
-    def compress(self, x: Tensor) -> Packed:
+    def compress(self, x: Tensor, *, borrowed: bool = False) -> Packed:
         """Store ``x`` (any leading dims, last dim ``width``) in the tracked basis.
 
         The record is projected on the current basis at once; the decision whether that
@@ -174,10 +174,28 @@ class SubspaceTracker(BasisUpdates, nn.Module):
 
         Args:
             x: the activation; floating point, on the tracker's device.
+            borrowed: ``x``'s buffer may be reused as soon as this returns (an activation
+                inside a compiled graph): nothing keeps a reference to it. A record stored
+                dense keeps a copy; the decision is taken now on a CPU (no device to wait
+                for), and one call late from a copy on an accelerator.
 
         Returns:
             `Packed` record for `decompress`.
         """
+        if borrowed:
+            packed = self.compress(x)
+            pending = self._pending
+            if pending is not None and pending.packed is packed:
+                if x.device.type == "cpu":
+                    self.settle()
+                else:
+                    pending.x = pending.x.clone()
+            if packed.is_dense and packed.dense is not None:
+                copy = packed.dense.clone()
+                self.stored_bytes -= packed.nbytes
+                packed.revise(dense=copy)
+                self.stored_bytes += packed.nbytes
+            return packed
         self._check(x)
         self.settle()
         self.calls += 1

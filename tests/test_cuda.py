@@ -82,3 +82,35 @@ def test_compress_on_cpu_then_move_and_load_a_cpu_state():
     laser_fx.strip(cmodel)  # the original modules come back, still on the GPU
     assert not laser_fx.is_compressed(cmodel)
     assert all(p.is_cuda for p in cmodel.parameters())
+
+
+def test_a_borrowed_cuda_activation_is_decided_late_from_a_copy():
+    # on an accelerator `compress(borrowed=True)` keeps the decision for the next call and
+    # a copy of x for it: overwriting x must not change any record
+    cfg = LaserConfig(energy=0.999, min_numel=0)
+    kept = laser_fx.SubspaceTracker(32, cfg).cuda()
+    borrowed = laser_fx.SubspaceTracker(32, cfg).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 4, device="cuda", generator=g)).Q
+    records = []
+    for _ in range(6):
+        x = torch.randn(256, 4, device="cuda", generator=g) @ basis.T
+        x = x + 0.05 * torch.randn(256, 32, device="cuda", generator=g)
+        records.append((kept.compress(x.clone()), borrowed.compress(x, borrowed=True)))
+        assert borrowed._pending is None or borrowed._pending.x.data_ptr() != x.data_ptr()
+        x.fill_(float("nan"))
+    for a, b in records:
+        torch.testing.assert_close(borrowed.decompress(b), kept.decompress(a))
+
+
+def test_fullgraph_compile_on_cuda_matches_eager():
+    model, inputs = ZOO["trm_attn"]()
+    model, inputs = model.cuda(), _cuda(inputs)
+    eager = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs)
+    comp = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs)
+    compiled = torch.compile(comp, fullgraph=True)
+    for _ in range(2):
+        got = torch.autograd.grad(_loss(compiled(*inputs)), _params(comp))
+        want = torch.autograd.grad(_loss(eager(*inputs)), _params(eager))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)

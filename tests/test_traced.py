@@ -18,6 +18,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import laser_fx
@@ -223,3 +225,29 @@ def test_autocast_is_replayed_in_the_rerun():
         g_e = _grads(eager, eager, inputs)
     cos = float(torch.nn.functional.cosine_similarity(g_c, g_e, dim=0))
     assert cos > 0.999, cos
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(1, 40), min_size=1, max_size=6),
+       st.sampled_from([0.9, 0.999, 1.0]))
+def test_a_borrowed_activation_is_never_kept(seed, rows, energy):
+    # `compress(borrowed=True)` (what `pack` uses): the caller overwrites x once compress
+    # returns, as a compiled graph may reuse its buffer; every record must decompress to
+    # what a tracker that kept x intact gives (dense records included: few rows)
+    from laser_fx.tracker import SubspaceTracker
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = LaserConfig(energy=energy, min_numel=64)
+    kept, borrowed = SubspaceTracker(16, cfg), SubspaceTracker(16, cfg)
+    basis = torch.linalg.qr(torch.randn(16, 4, generator=g)).Q
+    records = []
+    for n in rows:
+        x = torch.randn(n, 4, generator=g) @ basis.T + 0.01 * torch.randn(n, 16, generator=g)
+        p_kept = kept.compress(x.clone())
+        p_borrowed = borrowed.compress(x, borrowed=True)
+        x.fill_(float("nan"))  # the buffer is reused
+        records.append((p_kept, p_borrowed))
+    for p_kept, p_borrowed in records:
+        a, b = kept.decompress(p_kept), borrowed.decompress(p_borrowed)
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -18,9 +18,10 @@ never backpropagated) frees its records.
 
 What differs from the eager checkpoint (`laser_fx.ops.checkpoint`), and why:
 
-* the decision about a call's basis is taken inside ``pack``, not one call late: once
-  ``pack`` returns, the compiled graph may reuse the activation's buffer, so nothing may
-  keep a reference to it (a record stored dense is a copy);
+* once ``pack`` returns, the compiled graph may reuse the activation's buffer, so nothing
+  may keep a reference to it (``SubspaceTracker.compress(borrowed=True)``): a record stored
+  dense is a copy, and the decision about the call's basis is taken inside ``pack`` on a
+  CPU, one call late from a copy on an accelerator;
 * a call's role (its call site, `laser_fx.wrapper.call_site`) is read from dynamo's
   translators while tracing, as the Python stack inside a compiled graph shows no user
   lines: the same roles as eager calls from the same lines;
@@ -166,10 +167,7 @@ class _Record:
                    else -1)
             moved = t if dim == -1 else t.movedim(dim, -1)
             tracker = wrapper.tracker(f"in{i}", int(moved.shape[-1]), moved)
-            packed = tracker.compress(moved)
-            tracker.settle()  # decide now, while the activation is still this call's
-            if packed.is_dense:
-                packed.revise(dense=packed.dense.clone())
+            packed = tracker.compress(moved, borrowed=True)
             stats.add_packed(moved, packed)
             self.inputs.append((tracker, dim, packed))
 
