@@ -45,9 +45,10 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
 
 
 def _grads(model: nn.Module, run, inputs) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    got = torch.autograd.grad(_loss(run(*inputs)), params)
-    return torch.cat([g.flatten() for g in got])
+    """The gradients of a plain ``loss.backward()`` (what training loops call)."""
+    model.zero_grad(set_to_none=True)
+    _loss(run(*inputs)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 class _UserTRM(TRMLike):
@@ -119,6 +120,7 @@ def test_records_live_as_long_as_their_graph():
     gc.collect()
     assert not traced._RECORDS
     loss = _loss(compiled(*inputs))
+    comp.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in comp.parameters()]
     loss.backward()  # retain_graph: the records are still there, and give the same gradients
@@ -138,6 +140,34 @@ def test_a_parameter_changed_in_place_before_backward_raises():
     # laser_fx's own check, or autograd's when the compiled graph saved the parameter too
     with pytest.raises((LaserFxError, RuntimeError), match="modified"):
         loss.backward()
+
+
+def test_parameter_gradients_go_to_grad_once_per_call_and_autograd_grad_raises():
+    model, inputs, eager, comp = _trm()
+    compiled = torch.compile(comp, backend=BACKEND)
+    # accumulation: two backwards add up, as with the plain model
+    _loss(compiled(*inputs)).backward()
+    _loss(compiled(*inputs)).backward()
+    twice = torch.cat([p.grad.flatten() for p in comp.parameters()])
+    torch.testing.assert_close(twice, 2 * _grads(eager, eager, inputs), rtol=1e-5, atol=1e-6)
+    params = [p for p in comp.parameters() if p.requires_grad]
+    with pytest.raises(LaserFxError, match="loss.backward"):
+        torch.autograd.grad(_loss(compiled(*inputs)), params)
+
+
+def test_a_parameter_hook_routes_gradients_through_autograd_and_runs_once():
+    model, inputs, eager, comp = _trm()
+    calls = []
+    weight = next(comp.net.parameters())
+    weight.register_hook(lambda g: calls.append(1) or g * 2)  # before compiling
+    next(eager.net.parameters()).register_hook(lambda g: g * 2)
+    compiled = torch.compile(comp, backend=BACKEND)
+    params = [p for p in comp.parameters() if p.requires_grad]
+    got = torch.autograd.grad(_loss(compiled(*inputs)), params)  # returned gradients
+    assert len(calls) == 1  # on the summed gradient, not once per block call
+    want = torch.autograd.grad(_loss(eager(*inputs)), [p for p in eager.parameters()])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _NoisyBlock(nn.Module):
@@ -188,7 +218,7 @@ def test_a_dropout_block_takes_the_opaque_path_and_replays_its_masks():
     torch.manual_seed(0)
     ref = _Loop(block)(x)  # the same masks: the opaque call runs the block eagerly
     torch.testing.assert_close(out, ref)
-    g = torch.autograd.grad(_loss(out), list(block.parameters()))
+    g = torch.autograd.grad(_loss(out), list(block.parameters()))  # opaque: autograd.grad works
     g_ref = torch.autograd.grad(_loss(ref), list(block.parameters()))
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["accumulates_in_place", "inside_ddp_forward", "tensor_hooks_suspended"]
+__all__ = ["accumulates_in_place", "inside_ddp_forward", "may_accumulate_in_place",
+           "tensor_hooks_suspended"]
 
 
 def inside_ddp_forward() -> bool:
@@ -43,9 +44,13 @@ def accumulates_in_place(params: Sequence[torch.Tensor], under_ddp: bool) -> boo
     outside DDP, and when every parameter is a leaf without tensor or post-accumulate hooks:
     then the result is the same as returning the gradients through autograd (see above).
     """
-    if not torch.autograd._is_checkpoint_valid() or under_ddp:
-        return False
-    return all(
+    return torch.autograd._is_checkpoint_valid() and may_accumulate_in_place(params, under_ddp)
+
+
+def may_accumulate_in_place(params: Sequence[torch.Tensor], under_ddp: bool) -> bool:
+    """The part of `accumulates_in_place` known before backward: outside DDP, and every
+    parameter a leaf without tensor or post-accumulate hooks."""
+    return not under_ddp and all(
         p.is_leaf
         and not getattr(p, "_backward_hooks", None)
         and not getattr(p, "_post_accumulate_grad_hooks", None)

@@ -25,8 +25,13 @@ What differs from the eager checkpoint (`laser_fx.ops.checkpoint`), and why:
 * a call's role (its call site, `laser_fx.wrapper.call_site`) is read from dynamo's
   translators while tracing, as the Python stack inside a compiled graph shows no user
   lines: the same roles as eager calls from the same lines;
-* parameter gradients are returned to autograd (the compiled backward adds them up), not
-  accumulated into ``.grad`` during the re-run;
+* the block's parameters are not inputs of the traced call: the re-run's backward adds
+  their gradients to ``.grad`` itself, one call at a time, as torch's reentrant checkpoint
+  does (returned gradients would be summed by the compiled backward, which keeps every
+  call's set alive until the sum: a peak of calls x parameters). ``torch.autograd.grad``
+  and ``backward(inputs=...)`` then raise. Inside a ``DistributedDataParallel`` forward, or
+  when a parameter is not a leaf or has gradient hooks, the parameters are declared inputs
+  and their gradients returned, as in eager mode (`laser_fx.ops._param_grads`);
 * the compiled forward draws random numbers from the graph's own stream, which a re-run
   cannot replay: blocks with an active dropout module take the opaque path
   (`traceable`), and a re-run that draws random numbers anyway raises instead of giving
@@ -46,7 +51,7 @@ from torch import Tensor, nn
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
-from ._param_grads import tensor_hooks_suspended
+from ._param_grads import inside_ddp_forward, may_accumulate_in_place, tensor_hooks_suspended
 from .checkpoint import _autocast_state, _recomputing
 
 __all__ = ["register_site", "traceable", "traced_checkpoint"]
@@ -101,7 +106,19 @@ def traced_checkpoint(wrapper: Any, args: tuple) -> Any:
     dynamo: call it only while compiling, after `traceable`)."""
     params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
     key = wrapper.op_key
-    return _TracedCheckpoint.apply(key, _traced_role(key), len(args), *args, *params)
+    in_place = _in_place(key)
+    declared = () if in_place else params
+    return _TracedCheckpoint.apply(key, _traced_role(key), len(args), in_place, *args,
+                                   *declared)
+
+
+@torch._dynamo.assume_constant_result
+def _in_place(key: int) -> bool:
+    """Whether the traced call's re-run may add its parameter gradients to ``.grad`` itself
+    (`may_accumulate_in_place`); read when dynamo traces the call (hooks registered on a
+    parameter after compiling are not seen: register them before)."""
+    params = [p for p in _site(key).wrapped.parameters() if p.requires_grad]
+    return may_accumulate_in_place(params, inside_ddp_forward())
 
 
 @torch._dynamo.assume_constant_result
@@ -115,30 +132,33 @@ def _traced_role(key: int) -> int:
     from ..wrapper import call_site
 
     wrapper = _site(key)
-    root = InstructionTranslator.current_tx()
-    frames, tx = [], root.output.current_tx  # the innermost translator (inlined calls)
-    while tx is not None:
-        frames.append((tx.f_code.co_filename, tx.lineno, tx.f_code.co_firstlineno))
-        tx = tx.parent
+    frames = []
+    try:  # dynamo internals: if they change, calls share one role (bases, not correctness)
+        tx = InstructionTranslator.current_tx().output.current_tx  # innermost (inlined)
+        while tx is not None:
+            frames.append((tx.f_code.co_filename, tx.lineno, tx.f_code.co_firstlineno))
+            tx = tx.parent
+    except AttributeError:
+        frames = []
     return wrapper.role_of(call_site(wrapper.root, frames))
 
 
 class _TracedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, key: int, role: int, n: int, *flat: Tensor) -> Any:
+    def forward(ctx: Any, key: int, role: int, n: int, in_place: bool, *flat: Tensor) -> Any:
         xs = flat[:n]
         out = _SITES[key]().wrapped(*xs)
         ctx.save_for_backward(pack(key, role, list(xs)), *flat[n:])
-        ctx.key = key
+        ctx.key, ctx.in_place = key, in_place
         ctx.metas = [m for x in xs for m in (_DTYPES.index(x.dtype), x.ndim, *x.shape)]
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         token, *params = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[3:])
-        got = iter(rerun(ctx.key, token, list(grads), params, ctx.metas, needs))
-        return (None, None, None, *(next(got) if need else None for need in needs))
+        needs = list(ctx.needs_input_grad[4:])
+        got = iter(rerun(ctx.key, token, list(grads), params, ctx.metas, needs, ctx.in_place))
+        return (None, None, None, None, *(next(got) if need else None for need in needs))
 
 
 class _Record:
@@ -259,9 +279,11 @@ def _rng_states(devices: Sequence[int]) -> list[Tensor]:
 
 @torch.library.custom_op("laser_fx::rerun", mutates_args=())
 def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], metas: list[int],
-          needs: list[bool]) -> list[Tensor]:
-    """Backward of one traced call: the gradients of the inputs and parameters ``needs``
-    asks for (in that order), from a re-run of the block on the token's record."""
+          needs: list[bool], in_place: bool) -> list[Tensor]:
+    """Backward of one traced call: the gradients of the inputs and of the declared
+    ``params`` that ``needs`` asks for (in that order), from a re-run of the block on the
+    token's record. ``in_place``: no parameter is declared; the re-run's backward adds the
+    block's parameter gradients to their ``.grad`` (see the module docstring)."""
     wrapper = _site(key)
     record = _RECORDS.get(int(token))
     name = wrapper.site.name
@@ -276,6 +298,9 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
     inputs = record.rebuild(needs[:n])
     wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need]
     wrt += [p for p, need in zip(params, needs[n:], strict=True) if need]
+    if in_place:
+        _check_plain_backward(name)
+        params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
     devices = cuda_devices(inputs)
     block = wrapper.compiled_block()
     with contextlib.ExitStack() as stack:
@@ -291,10 +316,13 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
         outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
         got: Sequence[Tensor | None] = [None] * len(wrt)
-        if pairs and wrt:
+        roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
+        if pairs and in_place and (wrt or params):
+            torch.autograd.backward(roots, root_grads, inputs=wrt + params)
+            got = [x.grad for x in wrt]
+        elif pairs and wrt:
             with tensor_hooks_suspended(params):
-                got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                          allow_unused=True)
+                got = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True)
     if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
         raise LaserFxError(
             f"The block {name} draws random numbers (dropout?). Under torch.compile its "
@@ -318,9 +346,20 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
     return out
 
 
+def _check_plain_backward(name: str) -> None:
+    if not torch.autograd._is_checkpoint_valid():
+        raise LaserFxError(
+            f"The compressed checkpoint of {name} runs traced in a compiled graph, where its "
+            "backward adds the block's parameter gradients to their .grad (as torch's "
+            "reentrant checkpoint does); torch.autograd.grad and backward(inputs=...) would "
+            "not see them. Call loss.backward(), or register a gradient hook on one of the "
+            "block's parameters before compiling (then the gradients go through autograd)."
+        )
+
+
 @rerun.register_fake
 def _(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], metas: list[int],
-      needs: list[bool]) -> list[Tensor]:
+      needs: list[bool], in_place: bool) -> list[Tensor]:
     device = grads[0].device
     shapes = _metas(metas)
     out = [torch.empty(shape, dtype=dtype, device=device)
