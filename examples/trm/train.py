@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
            " inputs (the first --batch training puzzles) for this gradient cosine")
     a("--recalibrate-every", type=int, default=None,
       help="LaserConfig.recalibrate_every: with --target-cosine, calibrate again every K steps")
+    a("--compile", default=None, metavar="BACKEND",
+      help="torch.compile each arm's model for training with this backend (inductor,"
+           " aot_eager; default: eager), as TRM's pretrain.py does; laser_fx compiles its"
+           " re-run blocks with it too")
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
     a("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
     a("--data-cache", type=Path, default=None,
@@ -174,6 +178,9 @@ def options(args: argparse.Namespace | None = None) -> argparse.Namespace:
 def _laser_config(args: argparse.Namespace) -> laser_fx.LaserConfig:
     kw = {k: getattr(args, k) for k in ("energy", "rank", "fidelity", "mode", "target_cosine",
                                          "recalibrate_every")}
+    compiled = getattr(args, "compile", None)
+    if compiled:
+        kw["compile_backend"] = compiled
     # per block call, like the torch checkpoint arm: not split into layers ("auto" would)
     return laser_fx.LaserConfig(granularity="block",
                                 **{k: v for k, v in kw.items() if v is not None})
@@ -256,6 +263,9 @@ class _Arm:
 
     def __init__(self, name: str, model: TRM, args, seed: int, data, ema: bool = True):
         self.name, self.model = name, model
+        backend = getattr(args, "compile", None)
+        # the training forward, compiled as the reference pretrain.py does (eval stays eager)
+        self.forward = torch.compile(model, backend=backend) if backend else model
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
         )
@@ -275,7 +285,7 @@ class _Arm:
         _sync(args.device)
         t0 = time.perf_counter()
         inputs, labels, y, z = self.ds.next()
-        logits, q, y, z = self.model(inputs, y, z)
+        logits, q, y, z = self.forward(inputs, y, z)
         loss, metrics = trm_loss(logits, labels, q)
         loss.backward()
         if args.grad_clip > 0:

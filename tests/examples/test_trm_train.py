@@ -78,6 +78,25 @@ def test_laser_at_energy_one_trains_like_the_uncompressed_arm() -> None:
                                rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_training_loop_matches_eager_at_energy_one() -> None:
+    # --compile: each arm's training forward under torch.compile (the laser arm's block calls
+    # traced: laser_fx::pack / rerun), in the example's own loop (ACT carries, AdamW, EMA)
+    from laser_fx.ops import traced
+
+    torch._dynamo.reset()
+    kw = dict(seeds=[0], arms=["baseline", "laser"], energy=1.0, ema_decay=0.0, steps=3)
+    first_token = next(traced._TOKENS)
+    compiled = train.run(_args(compile="aot_eager", **kw), log=lambda s: None)
+    traced_calls = next(traced._TOKENS) - first_token - 1
+    eager = train.run(_args(**kw), log=lambda s: None)
+    torch._dynamo.reset()
+    (c,), (e,) = compiled["runs"], eager["runs"]
+    for arm in ("baseline", "laser"):
+        assert c["arms"][arm]["losses"] == pytest.approx(e["arms"][arm]["losses"], rel=1e-4)
+    # every grad-enabled block call (n + 1 per training step) went through laser_fx::pack
+    assert traced_calls == 3 * (TINY["n"] + 1), traced_calls
+
+
 def test_summary_shows_three_arms_both_settings_and_what_laser_stored(three_arms: dict) -> None:
     text = train.summarize(three_arms)
     for label in ("uncompressed", "torch checkpoint", "laser_fx"):
