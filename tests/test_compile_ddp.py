@@ -176,10 +176,15 @@ def test_compiled_inductor_equals_eager_laser(dynamo, mode):
 _WORLD = 2
 _STEPS = 3
 _GLOBAL_BATCH = 4
-#: (name, config kwargs, broadcast_buffers) run one after another in one process group
+#: (name, config kwargs, broadcast_buffers, torch.compile backend of the DDP module or None)
+#: run one after another in one process group
 _DDP_ARMS = [
-    ("lossless-nobcast", dict(energy=1.0, min_numel=0), False),
-    ("default", dict(min_numel=0), True),  # ranks' trackers differ: must not be broadcast
+    ("lossless-nobcast", dict(energy=1.0, min_numel=0), False, None),
+    ("default", dict(min_numel=0), True, None),  # ranks' trackers differ: must not be broadcast
+    # compiled DDP: the traced checkpoint must hand the gradients to DDP's reducer (returned
+    # through autograd), not add them to .grad behind its back
+    ("compiled-lossless", dict(energy=1.0, min_numel=0, compile_backend="aot_eager"), False,
+     "aot_eager"),
 ]
 
 
@@ -231,10 +236,11 @@ def _ddp_worker(rank: int, port: int, out_dir: str, arms: list) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=_WORLD)
     try:
         results = {}
-        for name, cfg_kwargs, bcast in arms:
+        for name, cfg_kwargs, bcast, backend in arms:
             model = _ddp_model(cfg_kwargs)
             ddp = DDP(model, broadcast_buffers=bcast)
-            results[name] = _train(ddp, model, _batches(), rank)
+            run = ddp if backend is None else torch.compile(ddp, backend=backend)
+            results[name] = _train(run, model, _batches(), rank)
             # DDP sees the user's parameters and buffers only, never tracker state
             assert not any("laser_fx" in n for n, _ in ddp.named_buffers())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -257,7 +263,7 @@ def _spawn(out_dir: str, arms: list, timeout: float = 90.0) -> None:
 def test_ddp_matches_single_process(tmp_path):
     _spawn(str(tmp_path), _DDP_ARMS)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(_WORLD)]
-    for name, cfg_kwargs, _ in _DDP_ARMS:
+    for name, cfg_kwargs, _, _ in _DDP_ARMS:
         model = _ddp_model(cfg_kwargs)
         single = _train(model, model, _batches(), None)
         for step, ((l0, g0), (l1, g1), (ls, gs)) in enumerate(
