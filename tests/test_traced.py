@@ -281,3 +281,4 @@ def test_a_borrowed_activation_is_never_kept(seed, rows, energy):
         a, b = kept.decompress(p_kept), borrowed.decompress(p_borrowed)
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+

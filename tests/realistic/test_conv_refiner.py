@@ -65,3 +65,26 @@ def test_gradients_and_batchnorm_statistics_equal_uncompressed(seed, steps):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0,
                                    msg=lambda m, k=k: f"{k} after one step: {m}")
     assert int(got["block.bn.num_batches_tracked"]) == steps
+
+
+def test_compiled_fullgraph_updates_batchnorm_statistics_once_and_matches():
+    # torch.compile(fullgraph=True): both shared sites (a Conv2d, a conv + BatchNorm block)
+    # are traced checkpoints; the traced forward updates the running statistics in the graph
+    # and the re-run in backward must not update them again
+    torch._dynamo.reset()
+    model, images = make_refiner(seed=3), make_images(batch=4, seed=3)
+    plain = copy.deepcopy(model)
+    cfg = LaserConfig(energy=1.0, min_numel=0, compile_backend="aot_eager")
+    comp = laser_fx.compress(copy.deepcopy(model), config=cfg, example_inputs=(images,))
+    compiled = torch.compile(comp, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        for m in (comp, plain):
+            m.zero_grad(set_to_none=True)
+        _loss(compiled(images)).backward()
+        _loss(plain(images)).backward()
+        assert_grads_equal(grads_of(comp), grads_of(plain), rtol=1e-4, atol=1e-5)
+    for (name, b_c), (_, b_p) in zip(comp.named_buffers(), plain.named_buffers(), strict=True):
+        torch.testing.assert_close(b_c, b_p, rtol=1e-5, atol=1e-6, msg=name)
+    stores = [w for w in comp.modules() if isinstance(w, laser_fx.SiteWrapper)]
+    assert len(stores) == 2 and all(w.stats.calls for w in stores)
+    torch._dynamo.reset()
