@@ -243,7 +243,7 @@ class SiteWrapper(TrackerStore, nn.Module):
             return module(*args, **kwargs)
         if torch.compiler.is_compiling():
             if traceable(self, args, kwargs):
-                return traced_checkpoint(self, args)
+                return traced_checkpoint(self, args, kwargs)
             return self._opaque_call(args, kwargs)
         self.next_role()
         return self.mechanism.call(self, args, kwargs)

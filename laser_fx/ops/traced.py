@@ -1,7 +1,8 @@
 """The compressed checkpoint inside a compiled graph: two ``torch.library`` custom ops.
 
-Under ``torch.compile`` a grad-enabled call of a checkpointed block whose arguments are all
-tensors is traced as `_TracedCheckpoint`, an autograd.Function dynamo traces whole:
+Under ``torch.compile`` a grad-enabled call of a checkpointed block whose arguments are
+tensors and constants (`laser_fx.ops._layout`) is traced as `_TracedCheckpoint`, an
+autograd.Function dynamo traces whole:
 
 * forward: the block itself, traced into the caller's graph (no graph break: the recursion
   and its blocks compile as one graph, the block running as an inference graph that saves
@@ -51,6 +52,7 @@ from torch import Tensor, nn
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
+from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
 from ._param_grads import inside_ddp_forward, may_accumulate_in_place, tensor_hooks_suspended
 from .checkpoint import _autocast_state, _recomputing
 
@@ -62,8 +64,6 @@ _SITES: dict[int, weakref.ref] = {}
 _RECORDS: dict[int, _Record] = {}
 _KEYS = itertools.count(1)
 _TOKENS = itertools.count(1)
-#: dtypes an input may have, by code (the rerun op's fake needs each input's dtype)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 
@@ -88,28 +88,27 @@ def _site(key: int) -> Any:
 
 def traceable(wrapper: Any, args: tuple, kwargs: dict) -> bool:
     """Whether this grad-enabled call can be traced as `_TracedCheckpoint` (else it is one
-    opaque call): the checkpoint mechanism, every argument a floating tensor, no keyword
-    arguments, and no dropout module in training mode (see the module docstring)."""
-    if wrapper.mechanism.name != "checkpoint" or kwargs or not args:
+    opaque call): the checkpoint mechanism, arguments of tensors and constants in tuples,
+    lists and dicts (`laser_fx.ops._layout`), and no dropout module in training mode (see
+    the module docstring)."""
+    if wrapper.mechanism.name != "checkpoint" or layout((args, kwargs)) is None:
         return False
-    for a in args:
-        if not isinstance(a, Tensor) or a.dtype not in _DTYPES:
-            return False
     for m in wrapper.wrapped.modules():
         if isinstance(m, _DROPOUT) and m.training and m.p > 0:
             return False
     return True
 
 
-def traced_checkpoint(wrapper: Any, args: tuple) -> Any:
-    """The grad-enabled call ``wrapper.wrapped(*args)`` as `_TracedCheckpoint` (traced by
-    dynamo: call it only while compiling, after `traceable`)."""
+def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
+    """The grad-enabled call ``wrapper.wrapped(*args, **kwargs)`` as `_TracedCheckpoint`
+    (traced by dynamo: call it only while compiling, after `traceable`)."""
     params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
     key = wrapper.op_key
     in_place = _in_place(key)
     declared = () if in_place else params
-    return _TracedCheckpoint.apply(key, _traced_role(key), len(args), in_place, *args,
-                                   *declared)
+    flat = tensors((args, kwargs))
+    return _TracedCheckpoint.apply(key, _traced_role(key), layout_id(layout((args, kwargs))),
+                                   len(flat), in_place, *flat, *declared)
 
 
 @torch._dynamo.assume_constant_result
@@ -145,20 +144,24 @@ def _traced_role(key: int) -> int:
 
 class _TracedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, key: int, role: int, n: int, in_place: bool, *flat: Tensor) -> Any:
+    def forward(ctx: Any, key: int, role: int, lay: int, n: int, in_place: bool,
+                *flat: Tensor) -> Any:
         xs = flat[:n]
-        out = _SITES[key]().wrapped(*xs)
+        args, kwargs = rebuild(layout_of(lay), iter(xs))
+        out = _SITES[key]().wrapped(*args, **kwargs)
         ctx.save_for_backward(pack(key, role, list(xs)), *flat[n:])
-        ctx.key, ctx.in_place = key, in_place
-        ctx.metas = [m for x in xs for m in (_DTYPES.index(x.dtype), x.ndim, *x.shape)]
+        ctx.key, ctx.in_place, ctx.lay = key, in_place, lay
+        ctx.metas = [m for x in xs for m in (DTYPES.index(x.dtype), x.ndim, *x.shape)]
         return out
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         token, *params = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[4:])
-        got = iter(rerun(ctx.key, token, list(grads), params, ctx.metas, needs, ctx.in_place))
-        return (None, None, None, None, *(next(got) if need else None for need in needs))
+        needs = list(ctx.needs_input_grad[5:])
+        present = [g is not None for g in grads]  # an output that is no tensor has none
+        got = iter(rerun(ctx.key, token, [g for g in grads if g is not None], params,
+                         ctx.metas, needs, ctx.in_place, ctx.lay, present))
+        return (None,) * 5 + tuple(next(got) if need else None for need in needs)
 
 
 class _Record:
@@ -178,7 +181,7 @@ class _Record:
         self.inputs: list[Any] = []
         for i, t in enumerate(tensors):
             t = t.detach()
-            if t.ndim < 2 or t.numel() < cfg.min_numel:
+            if not t.is_floating_point() or t.ndim < 2 or t.numel() < cfg.min_numel:
                 copy = t.clone()  # the compiled graph may reuse t's buffer once we return
                 stats.add_passthrough(copy)
                 self.inputs.append(copy)
@@ -200,7 +203,7 @@ class _Record:
                 tracker, dim, packed = entry
                 x = tracker.decompress(packed)
                 x = x if dim == -1 else x.movedim(-1, dim)
-            out.append(x.detach().requires_grad_(need))
+            out.append(x.detach().requires_grad_(need) if x.is_floating_point() else x)
         return out
 
     def check_versions(self, name: str) -> None:
@@ -255,7 +258,7 @@ def _metas(metas: Sequence[int]) -> list[tuple[torch.dtype, list[int]]]:
     out, i = [], 0
     while i < len(metas):
         ndim = metas[i + 1]
-        out.append((_DTYPES[metas[i]], list(metas[i + 2: i + 2 + ndim])))
+        out.append((DTYPES[metas[i]], list(metas[i + 2: i + 2 + ndim])))
         i += 2 + ndim
     return out
 
@@ -279,7 +282,7 @@ def _rng_states(devices: Sequence[int]) -> list[Tensor]:
 
 @torch.library.custom_op("laser_fx::rerun", mutates_args=())
 def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], metas: list[int],
-          needs: list[bool], in_place: bool) -> list[Tensor]:
+          needs: list[bool], in_place: bool, lay: int, present: list[bool]) -> list[Tensor]:
     """Backward of one traced call: the gradients of the inputs and of the declared
     ``params`` that ``needs`` asks for (in that order), from a re-run of the block on the
     token's record. ``in_place``: no parameter is declared; the re-run's backward adds the
@@ -311,10 +314,14 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
         stack.enter_context(_recomputing())
         for device, dtype in record.autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype))
-        out = block(*inputs)
+        args, kwargs = rebuild(layout_of(lay), iter(inputs))
+        out = block(*args, **kwargs)
         after = _rng_states(devices)
-        outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
-        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
+        # the traced call's outputs: the block's output, or the items of the tuple it returns
+        items = list(out) if isinstance(out, tuple) else [out]
+        given = iter(grads)
+        pairs = [(o, next(given)) for o, has in zip(items, present, strict=True) if has]
+        pairs = [(o, g) for o, g in pairs if isinstance(o, Tensor) and o.requires_grad]
         got: Sequence[Tensor | None] = [None] * len(wrt)
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
         if pairs and in_place and (wrt or params):
@@ -359,8 +366,8 @@ def _check_plain_backward(name: str) -> None:
 
 @rerun.register_fake
 def _(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], metas: list[int],
-      needs: list[bool], in_place: bool) -> list[Tensor]:
-    device = grads[0].device
+      needs: list[bool], in_place: bool, lay: int, present: list[bool]) -> list[Tensor]:
+    device = (grads or params)[0].device if (grads or params) else torch.device("cpu")
     shapes = _metas(metas)
     out = [torch.empty(shape, dtype=dtype, device=device)
            for (dtype, shape), need in zip(shapes, needs, strict=False) if need]

@@ -203,3 +203,34 @@ def test_report_bytes_agree_with_measured_activation_memory():
     assert abs(claimed / measured - 1) < 0.10, (
         f"the report says compression saves {claimed} bytes, measured {measured} "
         f"(uncompressed {base.after_forward}, compressed {comp.after_forward})")
+
+
+def test_compiled_act_steps_trace_the_keyword_calls_and_match_the_uncompressed_model():
+    # torch.compile of the reference training call: the reasoning module's layers are called
+    # with keyword arguments (hidden_states=..., cos_sin=(cos, sin)), which the traced
+    # checkpoint carries as a layout; halting on data, dataclass carries, casted weights
+    from laser_fx.ops import traced
+
+    torch._dynamo.reset()
+    head, cfg, batch0, carry = _setup(halt_max_steps=3)
+    _data_dependent_halting(head, carry, batch0)
+    ref = copy.deepcopy(head)
+    cfg_l = LaserConfig(energy=1.0, compile_backend="aot_eager")
+    laser_fx.compress(head, config=cfg_l, example_inputs=(carry, batch0))
+    runs = [torch.compile(m, backend="aot_eager") for m in (ref, head)]
+    first_token = next(traced._TOKENS)
+    carries = [carry, carry]
+    for step, batch in enumerate([batch0, make_batch(cfg, seed=1)]):
+        grads = []
+        for i, (model, run) in enumerate(zip((ref, head), runs, strict=True)):
+            torch.manual_seed(100 + step)  # the same ACT exploration draws in both
+            carries[i], loss, _, _, _ = run(carries[i], batch)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            grads.append(grads_of(model))
+        assert_grads_equal(grads[1], grads[0])
+        assert torch.equal(carries[1].halted, carries[0].halted)
+    traced_calls = next(traced._TOKENS) - first_token - 1
+    grad_calls = 2 * (cfg.L_cycles + 1) * cfg.L_layers  # per step: the last H cycle, per layer
+    assert traced_calls == grad_calls, (traced_calls, grad_calls)
+    torch._dynamo.reset()
