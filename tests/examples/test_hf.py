@@ -377,3 +377,30 @@ def test_kv_cache_inside_the_loop_is_a_clear_error() -> None:
     with pytest.raises(laser_fx.ConfigError, match="DynamicCache.*use_cache=False"):
         laser_fx.compress(model, example_kwargs={"input_ids": ids})
     assert not laser_fx.is_compressed(model)
+
+
+def test_albert_under_torch_compile_traces_its_keyword_calls_exactly() -> None:
+    # torch.compile of a Hugging Face model: the shared layer group is called with keyword
+    # and constant arguments (attention mask, head_mask=None, output flags): traced
+    # checkpoints, whose gradients at energy 1.0 are the uncompressed model's
+    from laser_fx.ops import traced
+
+    torch._dynamo.reset()
+    model = hf_albert.make_model(hf_albert.albert_config(vocab=100, max_len=64, layers=3), 0)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # a dropout module would make the calls opaque (see laser_fx.ops.traced)
+    kw, labels = hf_albert.make_batch(torch.Generator().manual_seed(0), 4, 16, 100)
+    ref = copy.deepcopy(model)
+    cfg = laser_fx.LaserConfig(energy=1.0, compile_backend="aot_eager")
+    laser_fx.compress(model, config=cfg, example_kwargs=kw)
+    first_token = next(traced._TOKENS)
+    got = []
+    for m in (ref, model):
+        m.zero_grad(set_to_none=True)
+        hf_albert.loss_fn(torch.compile(m, backend="aot_eager")(**kw), labels)[0].backward()
+        got.append([p.grad for p in m.parameters()])
+    assert next(traced._TOKENS) - first_token - 1 == 3  # one traced call per layer
+    names = [n for n, _ in ref.named_parameters()]
+    _assert_grads_equal(got[0], got[1], names)
+    torch._dynamo.reset()
