@@ -114,23 +114,10 @@ class _Run:
 
     def record_versions(self, inputs: Sequence[torch.Tensor]) -> None:
         entries = [(f"input {i} of shape {tuple(t.shape)}", t) for i, t in enumerate(inputs)]
-        entries += [(f"parameter of shape {tuple(p.shape)}", p) for p in self.params]
-        # A view passed as input (``x[:, 1:]``) dies after the call, but shares its version
-        # counter with its base, which lives as long as anyone can modify it in place.
-        self.versions = [(what, weakref.ref(t if t._base is None else t._base), t._version)
-                         for what, t in entries]
+        self.versions = versions_of(entries + parameter_entries(self.params))
 
     def check_versions(self) -> None:
-        for what, ref, version in self.versions:
-            t = ref()
-            if t is not None and t._version != version:
-                raise LaserFxError(
-                    f"The compressed checkpoint of {self.name} needs its {what} for backward, "
-                    f"but it was modified in place after the forward (version {version} -> "
-                    f"{t._version}); its gradients would be computed at the new values. Do "
-                    "the in-place update after backward (e.g. optimizer.step() after "
-                    "loss.backward()), or clone the tensor before modifying it."
-                )
+        check_versions(self.name, self.versions)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
@@ -150,6 +137,34 @@ class _Run:
         leaves = [next(it) if a is _HOLE else a for a in self.template]
         args, kwargs = tree_unflatten(leaves, self.spec)
         return self.fn(*args, **kwargs)
+
+
+def parameter_entries(params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``(what, tensor)`` of each parameter, for `versions_of`."""
+    return [(f"parameter of shape {tuple(p.shape)}", p) for p in params]
+
+
+def versions_of(entries: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, Any, int]]:
+    """``(what, weakref, version)`` of each ``(what, tensor)``, for `check_versions`."""
+    # A view passed as input (``x[:, 1:]``) dies after the call, but shares its version
+    # counter with its base, which lives as long as anyone can modify it in place.
+    return [(what, weakref.ref(t if t._base is None else t._base), t._version)
+            for what, t in entries]
+
+
+def check_versions(name: str, versions: Sequence[tuple[str, Any, int]]) -> None:
+    """Raise if a tensor the backward of ``name`` needs was modified in place since
+    `versions_of` recorded it (its gradients would be computed at the new values)."""
+    for what, ref, version in versions:
+        t = ref()
+        if t is not None and t._version != version:
+            raise LaserFxError(
+                f"The compressed checkpoint of {name} needs its {what} for backward, "
+                f"but it was modified in place after the forward (version {version} -> "
+                f"{t._version}); its gradients would be computed at the new values. Do "
+                "the in-place update after backward (e.g. optimizer.step() after "
+                "loss.backward()), or clone the tensor before modifying it."
+            )
 
 
 def _drop_pack(

@@ -54,7 +54,13 @@ from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
 from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
 from ._param_grads import inside_ddp_forward, may_accumulate_in_place, tensor_hooks_suspended
-from .checkpoint import _autocast_state, _recomputing
+from .checkpoint import (
+    _autocast_state,
+    _recomputing,
+    check_versions,
+    parameter_entries,
+    versions_of,
+)
 
 __all__ = ["register_site", "traceable", "traced_checkpoint"]
 
@@ -172,8 +178,8 @@ class _Record:
 
     def __init__(self, wrapper: Any, role: int, tensors: Sequence[Tensor]) -> None:
         self.autocast = _autocast_state()
-        self.versions = [(p.shape, weakref.ref(p), p._version)
-                         for p in wrapper.wrapped.parameters() if p.requires_grad]
+        self.versions = versions_of(parameter_entries(
+            [p for p in wrapper.wrapped.parameters() if p.requires_grad]))
         cfg, stats = wrapper.config, wrapper.stats
         conv, other = set(wrapper.site.conv_widths), set(wrapper.site.widths)
         other -= conv
@@ -206,17 +212,6 @@ class _Record:
             out.append(x.detach().requires_grad_(need) if x.is_floating_point() else x)
         return out
 
-    def check_versions(self, name: str) -> None:
-        for shape, ref, version in self.versions:
-            p = ref()
-            if p is not None and p._version != version:
-                raise LaserFxError(
-                    f"The compressed checkpoint of {name} needs its parameter of shape "
-                    f"{tuple(shape)} for backward, but it was modified in place after the "
-                    f"forward (version {version} -> {p._version}); its gradients would be "
-                    "computed at the new values. Do the in-place update after backward "
-                    "(e.g. optimizer.step() after loss.backward())."
-                )
 
 
 def _finalize(token_id: int) -> None:
@@ -296,7 +291,7 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
             "was already backpropagated (use retain_graph=True to backpropagate twice) or "
             "freed."
         )
-    record.check_versions(name)
+    check_versions(name, record.versions)
     n = len(record.inputs)
     inputs = record.rebuild(needs[:n])
     wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need]
