@@ -77,11 +77,11 @@ class LaserConfig:
             least this (`laser_fx.calibrate`); ``energy`` is then only the starting point.
         recalibrate_every: with ``target_cosine``, calibrate again every this many training
             forwards (on the example inputs given to `compress`), as the model trains.
-        compile_backend: when the model runs under ``torch.compile``, each grad-enabled call
-            of a checkpointed block is one opaque call in the compiled graph, and the block
-            itself runs compiled with this backend (its forward, and its re-run and backward
-            in the compressed checkpoint's backward); None runs the block eagerly there.
-            Mechanisms ``"region"`` and ``"linear"`` always run their calls eagerly.
+        compile_backend: when the model runs under ``torch.compile``, the backend a
+            checkpointed block is compiled with on its own, for its re-run and backward (a
+            traced call's forward is part of the model's graph, `laser_fx.ops.traced`; an
+            opaque call's forward runs it too), and a ``"region"`` call's block; None runs
+            them eagerly. Mechanism ``"linear"`` runs its calls eagerly.
         per_site: ``{regex: LaserConfig}`` overrides; the first regex that fully matches a
             site name (``re.fullmatch``) gives that site's whole config (fields are not
             inherited from the outer config); overrides cannot nest.

@@ -250,9 +250,9 @@ class SiteWrapper(TrackerStore, nn.Module):
 
     @torch.compiler.disable
     def _opaque_call(self, args: tuple, kwargs: dict) -> Any:
-        """A grad-enabled call while the model runs under torch.compile: one opaque call in
-        the compiled graph (the trackers' data-dependent choices cannot be traced), whose
-        block runs compiled on its own (`compiled_block`)."""
+        """A grad-enabled call under torch.compile that is not traced (`traceable`): one
+        opaque call in the compiled graph (a graph break), whose block runs compiled on its
+        own (`compiled_block`)."""
         self.next_role()
         return self.mechanism.call(self, args, kwargs, compiled=True)
 
