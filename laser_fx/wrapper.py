@@ -270,7 +270,8 @@ class SiteWrapper(TrackerStore, nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_compiled", None)  # rebuilt on first use; compiled code does not travel
+        for name in ("_compiled", "_joint"):  # rebuilt on first use; compiled code stays
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

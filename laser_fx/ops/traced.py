@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,7 +53,8 @@ from torch import Tensor, nn
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
 from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
-from ._param_grads import inside_ddp_forward, may_accumulate_in_place, tensor_hooks_suspended
+from ._param_grads import inside_ddp_forward, may_accumulate_in_place
+from ._rerun import gradients
 from .checkpoint import (
     _autocast_state,
     _recomputing,
@@ -200,16 +201,17 @@ class _Record:
             stats.add_packed(moved, packed)
             self.inputs.append((tracker, dim, packed))
 
-    def rebuild(self, needs: Sequence[bool]) -> list[Tensor]:
+    def rebuild(self) -> list[Tensor]:
+        """The inputs again: reconstructions of the tracked ones, fresh leaves."""
         out = []
-        for entry, need in zip(self.inputs, needs, strict=True):
+        for entry in self.inputs:
             if isinstance(entry, Tensor):
                 x = entry
             else:
                 tracker, dim, packed = entry
                 x = tracker.decompress(packed)
                 x = x if dim == -1 else x.movedim(-1, dim)
-            out.append(x.detach().requires_grad_(need) if x.is_floating_point() else x)
+            out.append(x.detach())
         return out
 
 
@@ -258,19 +260,6 @@ def _metas(metas: Sequence[int]) -> list[tuple[torch.dtype, list[int]]]:
     return out
 
 
-@contextlib.contextmanager
-def _autograd_enabled() -> Iterator[None]:
-    """Autograd inside a custom op's kernel, which runs below the autograd dispatch keys
-    (the re-run must record a graph to backpropagate through)."""
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
-    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA):
-        keys = keys | torch._C.DispatchKeySet(key)
-    guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
-                                            torch._C._dispatch_tls_local_exclude_set() - keys)
-    with guard, torch.enable_grad():
-        yield
-
-
 def _rng_states(devices: Sequence[int]) -> list[Tensor]:
     return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
 
@@ -293,38 +282,21 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
         )
     check_versions(name, record.versions)
     n = len(record.inputs)
-    inputs = record.rebuild(needs[:n])
-    wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need]
-    wrt += [p for p, need in zip(params, needs[n:], strict=True) if need]
     if in_place:
         _check_plain_backward(name)
-        params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
+    inputs = record.rebuild()
     devices = cuda_devices(inputs)
-    block = wrapper.compiled_block()
     with contextlib.ExitStack() as stack:
         stack.enter_context(restore_buffers(wrapper.wrapped.modules()))
         stack.enter_context(torch.random.fork_rng(devices=devices))
         before = _rng_states(devices)
-        stack.enter_context(_autograd_enabled())
         stack.enter_context(_recomputing())
         for device, dtype in record.autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype))
-        args, kwargs = rebuild(layout_of(lay), iter(inputs))
-        out = block(*args, **kwargs)
+        declared = [p for p, need in zip(params, needs[n:], strict=True) if need]
+        got = gradients(wrapper, lay, present, inputs, needs[:n], grads, declared, in_place)
         after = _rng_states(devices)
-        # the traced call's outputs: the block's output, or the items of the tuple it returns
-        items = list(out) if isinstance(out, tuple) else [out]
-        given = iter(grads)
-        pairs = [(o, next(given)) for o, has in zip(items, present, strict=True) if has]
-        pairs = [(o, g) for o, g in pairs if isinstance(o, Tensor) and o.requires_grad]
-        got: Sequence[Tensor | None] = [None] * len(wrt)
-        roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
-        if pairs and in_place and (wrt or params):
-            torch.autograd.backward(roots, root_grads, inputs=wrt + params)
-            got = [x.grad for x in wrt]
-        elif pairs and wrt:
-            with tensor_hooks_suspended(params):
-                got = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True)
+    wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need] + declared
     if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
         raise LaserFxError(
             f"The block {name} draws random numbers (dropout?). Under torch.compile its "
