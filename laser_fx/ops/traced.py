@@ -8,9 +8,9 @@ autograd.Function dynamo traces whole:
   and its blocks compile as one graph, the block running as an inference graph that saves
   nothing), then ``laser_fx::pack``, which stores the inputs with the site's trackers and
   returns a token (a 0-d CPU int64 tensor);
-* backward: ``laser_fx::rerun``, which rebuilds the inputs from the token's record, re-runs
-  the block (`SiteWrapper.compiled_block`) with grad enabled and returns the gradients of
-  the inputs and parameters.
+* backward: ``laser_fx::rerun``, which rebuilds the inputs from the token's record and
+  computes the gradients from them (`laser_fx.ops._rerun`: one compiled ``vjp`` graph of
+  the block, or a re-run of it and autograd).
 
 The trackers' data-dependent Python (ranks, decisions) runs inside the two ops, opaque to
 the compiler; their fake implementations give the compiler shapes only. A record lives as
