@@ -37,6 +37,7 @@ from ..errors import ConfigError, LaserFxError
 from ..packed import StorageStats, is_weight
 from ._param_grads import accumulates_in_place, inside_ddp_forward, tensor_hooks_suspended
 from ._tensors import hidden_grad_tensors, undeclared_leaves
+from ._versions import check_versions, parameter_entries, versions_of
 
 __all__ = ["compressed_checkpoint", "is_recomputing"]
 
@@ -137,34 +138,6 @@ class _Run:
         leaves = [next(it) if a is _HOLE else a for a in self.template]
         args, kwargs = tree_unflatten(leaves, self.spec)
         return self.fn(*args, **kwargs)
-
-
-def parameter_entries(params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """``(what, tensor)`` of each parameter, for `versions_of`."""
-    return [(f"parameter of shape {tuple(p.shape)}", p) for p in params]
-
-
-def versions_of(entries: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, Any, int]]:
-    """``(what, weakref, version)`` of each ``(what, tensor)``, for `check_versions`."""
-    # A view passed as input (``x[:, 1:]``) dies after the call, but shares its version
-    # counter with its base, which lives as long as anyone can modify it in place.
-    return [(what, weakref.ref(t if t._base is None else t._base), t._version)
-            for what, t in entries]
-
-
-def check_versions(name: str, versions: Sequence[tuple[str, Any, int]]) -> None:
-    """Raise if a tensor the backward of ``name`` needs was modified in place since
-    `versions_of` recorded it (its gradients would be computed at the new values)."""
-    for what, ref, version in versions:
-        t = ref()
-        if t is not None and t._version != version:
-            raise LaserFxError(
-                f"The compressed checkpoint of {name} needs its {what} for backward, "
-                f"but it was modified in place after the forward (version {version} -> "
-                f"{t._version}); its gradients would be computed at the new values. Do "
-                "the in-place update after backward (e.g. optimizer.step() after "
-                "loss.backward()), or clone the tensor before modifying it."
-            )
 
 
 def _drop_pack(

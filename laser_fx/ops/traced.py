@@ -55,13 +55,8 @@ from ..errors import LaserFxError
 from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
 from ._param_grads import inside_ddp_forward, may_accumulate_in_place
 from ._rerun import gradients
-from .checkpoint import (
-    _autocast_state,
-    _recomputing,
-    check_versions,
-    parameter_entries,
-    versions_of,
-)
+from ._versions import check_versions, parameter_entries, versions_of
+from .checkpoint import _autocast_state, _recomputing
 
 __all__ = ["register_site", "traceable", "traced_checkpoint"]
 
