@@ -99,6 +99,8 @@ def test_fullgraph_trm_gives_the_eager_gradients_and_roles(granularity):
         for k, t in wc.trackers.items():
             torch.testing.assert_close(t.basis, we.trackers[k].basis, rtol=1e-4, atol=1e-5)
         assert wc.stats.calls == we.stats.calls and wc.stats.stored_bytes > 0
+        # the re-run ran as one compiled vjp graph (laser_fx.ops._rerun), not the fallback
+        assert wc.__dict__.get("_joint") not in (None, False)
     assert not traced._RECORDS, "backward left records behind"
 
 
