@@ -284,3 +284,41 @@ def test_a_borrowed_activation_is_never_kept(seed, rows, energy):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
+
+
+class _ReadsAnAttribute(nn.Module):
+    """A block reading a tensor that requires grad through an attribute, not an argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.extra: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(h)) * self.extra
+
+
+class _SetsTheAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _ReadsAnAttribute()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.block.extra = self.scale * 2
+        for _ in range(3):
+            x = self.block(x)
+        return x
+
+
+def test_an_undeclared_tensor_requiring_grad_raises_instead_of_losing_its_gradient():
+    # the traced forward drops the gradient of a tensor the block reads from an attribute
+    # (the compiled run gave `scale` a wrong gradient silently); the site's first re-run
+    # checks the block's reads, as the eager checkpoint does
+    x = torch.randn(8, 32, 16)
+    model = laser_fx.compress(_SetsTheAttribute(), sites=["block"],
+                              config=LaserConfig(compile_backend=BACKEND), example_inputs=(x,))
+    with pytest.raises(LaserFxError, match="neither its inputs nor its parameters"):
+        _loss(model(x)).backward()  # eager
+    with pytest.raises(LaserFxError, match="neither its inputs nor its parameters"):
+        _loss(torch.compile(model, backend=BACKEND)(x)).backward()

@@ -6,11 +6,15 @@ Two ways, the same gradients:
   on detached parameters), compiled with the site's ``compile_backend`` as an inference
   graph, so the recompute and its backward fuse as in torch's own compiled checkpoint
   (TRM D=128: a step 4-6% faster than a re-run followed by autograd). Used when the block's
-  parameter gradients go to ``.grad`` and a backend is set; a block it cannot transform
-  (BatchNorm updates its statistics in place, which ``vjp`` refuses) falls back to:
+  parameter gradients go to ``.grad`` and a backend is set, from a site's second re-run on;
+  a block it cannot transform (BatchNorm updates its statistics in place, which ``vjp``
+  refuses) falls back to:
 * **re-run and autograd**: the block (`SiteWrapper.compiled_block`) with autograd
   re-enabled inside the op's kernel, then ``autograd.backward`` (parameters into ``.grad``)
-  or ``autograd.grad`` (declared parameters, returned).
+  or ``autograd.grad`` (declared parameters, returned). It checks that the block reads no
+  tensor requiring grad besides its inputs and parameters (`check_declared`): the traced
+  forward would have dropped that tensor's gradient. A site's first re-run is always this
+  one, so the check runs before the fused graph, which cannot make it, takes over.
 
 The caller (`laser_fx.ops.traced.rerun`) restores buffers, RNG streams and autocast around
 this, and checks that nothing drew random numbers.
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from ._layout import layout_of, rebuild
 from ._param_grads import tensor_hooks_suspended
+from ._tensors import check_declared
 
 __all__ = ["autograd_enabled", "gradients"]
 
@@ -52,10 +57,11 @@ def gradients(wrapper: Any, lay: int, present: Sequence[bool], inputs: Sequence[
     (not ``in_place``) from the block's outputs' ``grads`` (``present``: which items of the
     call's output have one); ``in_place``: the block's parameter gradients are added to
     ``.grad`` instead."""
-    if in_place and wrapper.config.compile_backend is not None and wrapper.__dict__.get(
-            "_joint") is not False:
+    joint = wrapper.__dict__.get("_joint")
+    fast = in_place and wrapper.config.compile_backend is not None
+    if fast and joint not in (None, False):
         try:
-            return _joint_gradients(wrapper, lay, present, inputs, needs, grads)
+            return _joint_gradients(wrapper, joint, lay, present, inputs, needs, grads)
         except Exception as err:  # noqa: BLE001 - any failure to transform: the plain way
             wrapper.__dict__["_joint"] = False
             warnings.warn(
@@ -63,7 +69,10 @@ def gradients(wrapper: Any, lay: int, present: Sequence[bool], inputs: Sequence[
                 f"graph ({type(err).__name__}: {str(err).splitlines()[0][:160]}); it re-runs "
                 "the block and backpropagates instead (same gradients, a little slower).",
                 stacklevel=2)
-    return _autograd_gradients(wrapper, lay, present, inputs, needs, grads, params, in_place)
+    got = _autograd_gradients(wrapper, lay, present, inputs, needs, grads, params, in_place)
+    if fast and joint is None:  # checked once (`check_declared`): later re-runs may fuse
+        wrapper.__dict__["_joint"] = torch.compile(_vjp, backend=wrapper.config.compile_backend)
+    return got
 
 
 def _autograd_gradients(wrapper: Any, lay: int, present: Sequence[bool],
@@ -83,8 +92,9 @@ def _autograd_gradients(wrapper: Any, lay: int, present: Sequence[bool],
         if not pairs:
             return [None] * len(wrt)
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
+        block_params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
+        check_declared(wrapper.site.name, roots, [*inputs, *block_params])
         if in_place:
-            block_params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
             torch.autograd.backward(roots, root_grads, inputs=wrt + block_params)
             return [x.grad for x in wrt]
         if not wrt:
@@ -109,13 +119,9 @@ def _vjp(block: Any, lay: int, present: tuple, mask: tuple, params: dict, diff: 
     return pullback(tuple(grads))
 
 
-def _joint_gradients(wrapper: Any, lay: int, present: Sequence[bool],
+def _joint_gradients(wrapper: Any, joint: Any, lay: int, present: Sequence[bool],
                      inputs: Sequence[Tensor], needs: Sequence[bool],
                      grads: Sequence[Tensor]) -> list[Tensor | None]:
-    joint = wrapper.__dict__.get("_joint")
-    if joint is None:  # kept outside the module tree, like `compiled_block`
-        joint = wrapper.__dict__["_joint"] = torch.compile(
-            _vjp, backend=wrapper.config.compile_backend)
     named = [(n, p) for n, p in wrapper.wrapped.named_parameters() if p.requires_grad]
     mask = tuple(bool(need) for need in needs)
     diff = [x.detach() for x, m in zip(inputs, mask, strict=True) if m]

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["hidden_grad_tensors", "undeclared_leaves", "walk_tensors"]
+from ..errors import LaserFxError
+
+__all__ = ["check_declared", "hidden_grad_tensors", "undeclared_leaves", "walk_tensors"]
 
 
 def walk_tensors(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
@@ -66,3 +68,19 @@ def undeclared_leaves(roots: Sequence[torch.Tensor],
             continue
         stack.extend(n for n, nr in node.next_functions if (id(n), nr) not in ends)
     return found
+
+
+def check_declared(name: str, roots: Sequence[torch.Tensor],
+                   declared: Sequence[torch.Tensor]) -> None:
+    """Raise if the re-run of block ``name`` reaches a tensor requiring grad that is neither
+    one of its inputs nor a parameter (`undeclared_leaves`): its gradient would be lost."""
+    stray = undeclared_leaves(roots, declared)
+    if stray:
+        shapes = ", ".join(str(tuple(t.shape)) for t in stray)
+        raise LaserFxError(
+            f"The checkpointed block {name} reads tensors that require grad but are neither "
+            f"its inputs nor its parameters (shapes {shapes}); their gradients would be lost. "
+            "Pass them to the block as arguments, or with `params=[...]`; a cache of an "
+            "earlier call (Hugging Face use_cache=True) does this: build the model with "
+            "use_cache=False."
+        )

@@ -36,7 +36,7 @@ from .._isolated import cuda_devices, restore_buffers
 from ..errors import ConfigError, LaserFxError
 from ..packed import StorageStats, is_weight
 from ._param_grads import accumulates_in_place, inside_ddp_forward, tensor_hooks_suspended
-from ._tensors import hidden_grad_tensors, undeclared_leaves
+from ._tensors import check_declared, hidden_grad_tensors
 from ._versions import check_versions, parameter_entries, versions_of
 
 __all__ = ["compressed_checkpoint", "is_recomputing"]
@@ -236,16 +236,7 @@ class _CompressedCheckpoint(torch.autograd.Function):
         every = inputs + list(run.params)
         result: list[torch.Tensor | None] = [None] * (n + len(run.params))
         if pairs and wrt_idx:
-            stray = undeclared_leaves([o for o, _ in pairs], every)
-            if stray:
-                shapes = ", ".join(str(tuple(t.shape)) for t in stray)
-                raise LaserFxError(
-                    f"The checkpointed block {run.name} reads tensors that require grad but "
-                    f"are neither its inputs nor its parameters (shapes {shapes}); their "
-                    "gradients would be lost. Pass them to the block as arguments, or with "
-                    "`params=[...]`; a cache of an earlier call (Hugging Face use_cache=True) "
-                    "does this: build the model with use_cache=False."
-                )
+            check_declared(run.name, [o for o, _ in pairs], every)
             roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
             params = [every[i] for i in wrt_idx if i >= n]
             if params and accumulates_in_place(params, run.under_ddp):
