@@ -144,6 +144,21 @@ class TrackerStore:
             trk.to(like.device)
         return trk
 
+    def input_dim(self, t: Tensor) -> int:
+        """The feature axis of a checkpointed call's tensor input: 1 for a channels-first
+        input of a convolution, else -1."""
+        conv = set(self.site.conv_widths)
+        other = set(self.site.widths) - conv
+        return 1 if conv and t.ndim >= 3 and t.shape[1] in conv and t.shape[-1] not in other else -1
+
+    def input_tracker(self, i: int, t: Tensor, dim: int) -> SubspaceTracker | None:
+        """The tracker of a checkpointed call's ``i``-th tensor input (slot ``in<i>`` in the
+        current role), or None to keep it exact: not floating, fewer than 2 dims, or fewer
+        than ``config.min_numel`` elements."""
+        if not t.is_floating_point() or t.ndim < 2 or t.numel() < self.config.min_numel:
+            return None
+        return self.tracker(f"in{i}", int(t.shape[dim]), t)
+
     def next_role(self) -> None:
         """A grad-enabled call begins: its role is its call site's (`call_site`)."""
         self.role = self.role_of(call_site(self.root))

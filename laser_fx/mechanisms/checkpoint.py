@@ -26,21 +26,10 @@ class Checkpoint(Mechanism):
 
     def call(self, wrapper: Any, args: tuple, kwargs: dict, compiled: bool = False) -> Any:
         module = wrapper.wrapped
-        site = wrapper.site
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        conv = set(site.conv_widths)
-        other = set(site.widths) - conv
-        dims = [
-            1 if conv and t.ndim >= 3 and t.shape[1] in conv and t.shape[-1] not in other else -1
-            for t in tensors
-        ]
-
-        def tracker(i: int, t: torch.Tensor) -> Any:
-            if not t.is_floating_point() or t.ndim < 2 or t.numel() < wrapper.config.min_numel:
-                return None
-            return wrapper.tracker(f"in{i}", int(t.shape[dims[i]]), t)
-
+        dims = [wrapper.input_dim(t) for t in tensors]
         params = [p for p in module.parameters() if p.requires_grad]
         fn = wrapper.compiled_block() if compiled else module
-        return compressed_checkpoint(fn, tracker, *args, params=params, stats=wrapper.stats,
-                                     feature_dims=dims, name=site.name, **kwargs)
+        return compressed_checkpoint(
+            fn, lambda i, t: wrapper.input_tracker(i, t, dims[i]), *args, params=params,
+            stats=wrapper.stats, feature_dims=dims, name=wrapper.site.name, **kwargs)

@@ -176,22 +176,19 @@ class _Record:
         self.autocast = _autocast_state()
         self.versions = versions_of(parameter_entries(
             [p for p in wrapper.wrapped.parameters() if p.requires_grad]))
-        cfg, stats = wrapper.config, wrapper.stats
-        conv, other = set(wrapper.site.conv_widths), set(wrapper.site.widths)
-        other -= conv
+        stats = wrapper.stats
         wrapper.role = role
         self.inputs: list[Any] = []
         for i, t in enumerate(tensors):
             t = t.detach()
-            if not t.is_floating_point() or t.ndim < 2 or t.numel() < cfg.min_numel:
+            dim = wrapper.input_dim(t)
+            tracker = wrapper.input_tracker(i, t, dim)
+            if tracker is None:
                 copy = t.clone()  # the compiled graph may reuse t's buffer once we return
                 stats.add_passthrough(copy)
                 self.inputs.append(copy)
                 continue
-            dim = (1 if conv and t.ndim >= 3 and t.shape[1] in conv and t.shape[-1] not in other
-                   else -1)
             moved = t if dim == -1 else t.movedim(dim, -1)
-            tracker = wrapper.tracker(f"in{i}", int(moved.shape[-1]), moved)
             packed = tracker.compress(moved, borrowed=True)
             stats.add_packed(moved, packed)
             self.inputs.append((tracker, dim, packed))
@@ -208,7 +205,6 @@ class _Record:
                 x = x if dim == -1 else x.movedim(-1, dim)
             out.append(x.detach())
         return out
-
 
 
 def _finalize(token_id: int) -> None:
