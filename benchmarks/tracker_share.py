@@ -4,8 +4,8 @@ Issue 15's eager must-show, measured: "tracker time <= 2x its ideal (the project
 every mode; tracker share of the step <= 2% (auto), <= 10% (region), <= 5% (linear) at
 D >= 128". For each width D, the TRM attention model (examples/trm, random init, batch of
 generated 7x7 mazes) is compressed once per mode (``LaserConfig(mode=...)``, deep copies of the
-same weights) and trained with AdamW (lr 1e-3, an optimizer step after every step, so the
-weights move as in training). The modes' steps are interleaved (order alternating per round);
+same weights) and trained with AdamW (``--lr``, 1e-3 by default, an optimizer step after every
+step, so the weights move as in training; 0 keeps them fixed). The modes' steps are interleaved (order alternating per round);
 the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measured:
 
 - step: forward + backward of the TRM loss (the optimizer step is not timed);
@@ -288,6 +288,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="measured steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="steps skipped first (per mode)")
     p.add_argument("--ideal-reps", type=int, default=9, help="timed runs per ideal shape")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW learning rate between steps (0: the weights stay fixed)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="", help="Markdown file; records go to the same path "
@@ -304,7 +306,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
     w.to(a.device)
     models = {m: w.compress(copy.deepcopy(w.model), laser_fx.LaserConfig(mode=m))
               for m in a.modes}
-    opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-3)
+    opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=a.lr)
             for m, mod in models.items()}
     probe = TrackerProbe(a.device)
     per_step: dict[str, list[dict[str, Any]]] = {m: [] for m in a.modes}
@@ -384,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "# Tracker share of an eager training step (issue 15)",
             f"`{cmd}` ({datetime.date.today()})",
             f"Machine: {where}; device {a.device}." + (f" {a.note}" if a.note else ""),
-            f"Models: {'; '.join(names)}; AdamW lr 1e-3 between steps; {a.warmup} warm-up "
+            f"Models: {'; '.join(names)}; AdamW lr {a.lr:g} between steps; {a.warmup} warm-up "
             f"step(s) skipped, {a.steps} measured per mode, modes interleaved.",
             "Step: forward + backward (optimizer step not timed). Tracker: time inside "
             "`SubspaceTracker` compress/decompress/settle (outermost calls). Ideal: `X @ Q` + "

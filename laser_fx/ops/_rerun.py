@@ -5,8 +5,10 @@ Two ways, the same gradients:
 * **one compiled graph** (`_joint`): ``torch.func.vjp`` of the block (``functional_call``
   on detached parameters), compiled with the site's ``compile_backend`` as an inference
   graph, so the recompute and its backward fuse as in torch's own compiled checkpoint
-  (TRM D=128: a step 4-6% faster than a re-run followed by autograd). Used when the block's
-  parameter gradients go to ``.grad`` and a backend is set, from a site's second re-run on;
+  (`benchmarks/compiled.py`, TRM: 1.17x -> 1.15x and 1.09x -> 1.07x of compiled torch
+  checkpoint's step at D=128 and 256, for ~5% more peak; results/compiled*.md). Used when
+  the block's parameter gradients go to ``.grad`` and a backend is set, from a site's
+  second re-run on;
   a block it cannot transform (BatchNorm updates its statistics in place, which ``vjp``
   refuses) falls back to:
 * **re-run and autograd**: the block (`SiteWrapper.compiled_block`) with autograd
