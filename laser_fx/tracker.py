@@ -191,10 +191,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
                 else:
                     pending.x = pending.x.clone()
             if packed.is_dense and packed.dense is not None:
-                copy = packed.dense.clone()
-                self.stored_bytes -= packed.nbytes
-                packed.revise(dense=copy)
-                self.stored_bytes += packed.nbytes
+                packed.revise(dense=packed.dense.clone())  # same bytes: counters unchanged
             return packed
         self._check(x)
         self.settle()
