@@ -250,13 +250,14 @@ def test_another_batch_size_recompiles_and_stays_right():
 
 
 def test_autocast_is_replayed_in_the_rerun():
-    model, inputs, eager, comp = _trm()
+    # the compiled graph runs with autocast folded into its ops; the re-run must replay the
+    # autocast state the call was traced under (energy 1.0: then compiled == eager exactly)
+    model, inputs, eager, comp = _trm(energy=1.0)
     compiled = torch.compile(comp, backend=BACKEND)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         g_c = _grads(comp, compiled, inputs)
         g_e = _grads(eager, eager, inputs)
-    cos = float(torch.nn.functional.cosine_similarity(g_c, g_e, dim=0))
-    assert cos > 0.999, cos
+    torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
 
 
 @settings(deadline=None, max_examples=25)

@@ -56,7 +56,7 @@ from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
 from ._param_grads import inside_ddp_forward, may_accumulate_in_place
 from ._rerun import gradients
 from ._versions import check_versions, parameter_entries, versions_of
-from .checkpoint import _autocast_state, _recomputing
+from .checkpoint import _AUTOCAST_DEVICES, _recomputing
 
 __all__ = ["register_site", "traceable", "traced_checkpoint"]
 
@@ -109,8 +109,12 @@ def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
     in_place = _in_place(key)
     declared = () if in_place else params
     flat = tensors((args, kwargs))
+    # the autocast state as dynamo traces the call: the compiled graph runs with autocast
+    # folded into its ops, so `pack` would see none, and the re-run must replay it
+    autocast = [i for i, d in enumerate(_AUTOCAST_DEVICES) if torch.is_autocast_enabled(d)
+                for i in (i, DTYPES.index(torch.get_autocast_dtype(d)))]
     return _TracedCheckpoint.apply(key, _traced_role(key), layout_id(layout((args, kwargs))),
-                                   len(flat), in_place, *flat, *declared)
+                                   len(flat), in_place, autocast, *flat, *declared)
 
 
 @torch._dynamo.assume_constant_result
@@ -147,11 +151,11 @@ def _traced_role(key: int) -> int:
 class _TracedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, key: int, role: int, lay: int, n: int, in_place: bool,
-                *flat: Tensor) -> Any:
+                autocast: list[int], *flat: Tensor) -> Any:
         xs = flat[:n]
         args, kwargs = rebuild(layout_of(lay), iter(xs))
         out = _SITES[key]().wrapped(*args, **kwargs)
-        ctx.save_for_backward(pack(key, role, list(xs)), *flat[n:])
+        ctx.save_for_backward(pack(key, role, list(xs), autocast), *flat[n:])
         ctx.key, ctx.in_place, ctx.lay = key, in_place, lay
         ctx.metas = [m for x in xs for m in (DTYPES.index(x.dtype), x.ndim, *x.shape)]
         return out
@@ -159,11 +163,11 @@ class _TracedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         token, *params = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[5:])
+        needs = list(ctx.needs_input_grad[6:])
         present = [g is not None for g in grads]  # an output that is no tensor has none
         got = iter(rerun(ctx.key, token, [g for g in grads if g is not None], params,
                          ctx.metas, needs, ctx.in_place, ctx.lay, present))
-        return (None,) * 5 + tuple(next(got) if need else None for need in needs)
+        return (None,) * 6 + tuple(next(got) if need else None for need in needs)
 
 
 class _Record:
@@ -172,8 +176,10 @@ class _Record:
 
     __slots__ = ("autocast", "inputs", "versions")
 
-    def __init__(self, wrapper: Any, role: int, tensors: Sequence[Tensor]) -> None:
-        self.autocast = _autocast_state()
+    def __init__(self, wrapper: Any, role: int, tensors: Sequence[Tensor],
+                 autocast: Sequence[int]) -> None:
+        self.autocast = [(_AUTOCAST_DEVICES[autocast[i]], DTYPES[autocast[i + 1]])
+                         for i in range(0, len(autocast), 2)]
         self.versions = versions_of(parameter_entries(
             [p for p in wrapper.wrapped.parameters() if p.requires_grad]))
         stats = wrapper.stats
@@ -212,11 +218,12 @@ def _finalize(token_id: int) -> None:
 
 
 @torch.library.custom_op("laser_fx::pack", mutates_args=())
-def pack(key: int, role: int, tensors: list[Tensor]) -> Tensor:
-    """Store one call's inputs with the trackers of its site and role (`_traced_role`);
-    returns the record's token."""
+def pack(key: int, role: int, tensors: list[Tensor], autocast: list[int]) -> Tensor:
+    """Store one call's inputs with the trackers of its site and role (`_traced_role`) and
+    the call's autocast state (device index, dtype code pairs); returns the record's
+    token."""
     wrapper = _site(key)
-    record = _Record(wrapper, role, tensors)
+    record = _Record(wrapper, role, tensors, autocast)
     wrapper.stats.uncompressed_bytes += _estimated_saved_bytes(wrapper, tensors)
     wrapper.stats.calls += 1
     token_id = next(_TOKENS)
@@ -227,7 +234,7 @@ def pack(key: int, role: int, tensors: list[Tensor]) -> Tensor:
 
 
 @pack.register_fake
-def _(key: int, role: int, tensors: list[Tensor]) -> Tensor:
+def _(key: int, role: int, tensors: list[Tensor], autocast: list[int]) -> Tensor:
     return torch.empty((), dtype=torch.int64)
 
 
