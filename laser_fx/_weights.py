@@ -30,19 +30,31 @@ class WeightOrigins:
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]]) -> None:
         self._params = {id(p): n for n, p in named_params}
-        self._derived = WeakIdKeyDictionary()
+        # dynamo cannot trace a WeakIdKeyDictionary: while it traces, derived tensors are
+        # (tensor, name) pairs compared by identity (the trace holds them anyway)
+        self._derived: WeakIdKeyDictionary | list[tuple[torch.Tensor, str]] = (
+            [] if torch.compiler.is_compiling() else WeakIdKeyDictionary())
 
     def origin(self, t: object) -> str | None:
         """The parameter name ``t`` comes from, or None."""
         if not isinstance(t, torch.Tensor):
             return None
         name = self._params.get(id(t))
-        return name if name is not None else self._derived.get(t)
+        if name is not None or not isinstance(self._derived, list):
+            return name if name is not None else self._derived.get(t)
+        for derived, name in self._derived:
+            if derived is t:
+                return name
+        return None
 
     def note(self, func: object, args: tuple, out: object) -> None:
         """Record ``out`` as derived from a parameter when ``func`` is a cast of one."""
         if (args and isinstance(out, torch.Tensor)
                 and getattr(func, "__name__", "") in _CASTS):
             name = self.origin(args[0])
-            if name is not None:
+            if name is None:
+                return
+            if isinstance(self._derived, list):
+                self._derived.append((out, name))
+            else:
                 self._derived[out] = name

@@ -81,7 +81,8 @@ class LaserConfig:
             checkpointed block is compiled with on its own, for its re-run and backward (a
             traced call's forward is part of the model's graph, `laser_fx.ops.traced`; an
             opaque call's forward runs it too), and a ``"region"`` call's block; None runs
-            them eagerly. Mechanism ``"linear"`` runs its calls eagerly.
+            them eagerly. Mechanism ``"linear"`` re-runs nothing: its linear ops are traced
+            into the model's graph (`laser_fx.ops.traced_linear`).
         per_site: ``{regex: LaserConfig}`` overrides; the first regex that fully matches a
             site name (``re.fullmatch``) gives that site's whole config (fields are not
             inherited from the outer config); overrides cannot nest.

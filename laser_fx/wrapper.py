@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import LaserConfig
+from .ops._compiled import register_site
 from .ops.checkpoint import is_recomputing
-from .ops.traced import register_site, traceable, traced_checkpoint
 from .packed import StorageStats
 from .sites import Site
 from .tracker import SubspaceTracker
@@ -257,15 +257,15 @@ class SiteWrapper(TrackerStore, nn.Module):
         if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             return module(*args, **kwargs)
         if torch.compiler.is_compiling():
-            if traceable(self, args, kwargs):
-                return traced_checkpoint(self, args, kwargs)
+            if self.mechanism.traceable(self, args, kwargs):
+                return self.mechanism.traced(self, args, kwargs)
             return self._opaque_call(args, kwargs)
         self.next_role()
         return self.mechanism.call(self, args, kwargs)
 
     @torch.compiler.disable
     def _opaque_call(self, args: tuple, kwargs: dict) -> Any:
-        """A grad-enabled call under torch.compile that is not traced (`traceable`): one
+        """A grad-enabled call under torch.compile that is not traced (`Mechanism.traceable`): one
         opaque call in the compiled graph (a graph break), whose block runs compiled on its
         own (`compiled_block`)."""
         self.next_role()

@@ -5,7 +5,8 @@ Pinned here:
 * ``torch.compile(model)`` of a model compressed in place, with ``backend="eager"`` /
   ``"aot_eager"``, gives the gradients and tracker state of the eager compressed model in
   linear and checkpoint modes (tiny models: compiling is slow on this machine). Each
-  grad-enabled block call is one opaque call (the trackers' data-dependent Python). In
+  checkpointed call is traced into the graph (`tests/test_traced.py`), and each linear op of a
+  linear-mode call too (`tests/test_traced_linear.py`). In
   region mode the compiled block runs inside the saved-tensor hooks, which pack what the
   compiled graph saves: exact forward, gradients as close to the exact ones as eager
   region mode's. ``inductor`` is opt-in

@@ -24,7 +24,7 @@ from torch import nn
 
 import laser_fx
 from laser_fx import LaserConfig, LaserFxError, SiteWrapper
-from laser_fx.ops import traced
+from laser_fx.ops import _compiled, traced
 from laser_fx.testing.zoo import ZOO, TRMLike
 
 BACKEND = "aot_eager"
@@ -101,7 +101,7 @@ def test_fullgraph_trm_gives_the_eager_gradients_and_roles(granularity):
         assert wc.stats.calls == we.stats.calls and wc.stats.stored_bytes > 0
         # the re-run ran as one compiled vjp graph (laser_fx.ops._rerun), not the fallback
         assert wc.__dict__.get("_joint") not in (None, False)
-    assert not traced._RECORDS, "backward left records behind"
+    assert not _compiled.RECORDS, "backward left records behind"
 
 
 def test_no_graph_break_and_the_block_is_traced_not_called():
@@ -117,10 +117,10 @@ def test_records_live_as_long_as_their_graph():
     _, inputs, _, comp = _trm()
     compiled = torch.compile(comp, backend=BACKEND)
     out = compiled(*inputs)
-    assert len(traced._RECORDS) == 3  # the grad-enabled cycle: n + 1 calls of the block
+    assert len(_compiled.RECORDS) == 3  # the grad-enabled cycle: n + 1 calls of the block
     del out
     gc.collect()
-    assert not traced._RECORDS
+    assert not _compiled.RECORDS
     loss = _loss(compiled(*inputs))
     comp.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
@@ -130,7 +130,7 @@ def test_records_live_as_long_as_their_graph():
         torch.testing.assert_close(p.grad, 2 * g)
     del loss
     gc.collect()
-    assert not traced._RECORDS
+    assert not _compiled.RECORDS
 
 
 def test_a_parameter_changed_in_place_before_backward_raises():

@@ -13,7 +13,7 @@ class Mechanism:
     """One way of storing a site's activations low-rank.
 
     A subclass says which sites it applies to (`applies_to`), runs one grad-enabled call of
-    a wrapped module (`call`), and describes the state for the report (`row`). Instances
+    a wrapped module (`call`, and `traced` inside a compiled graph), and describes the state for the report (`row`). Instances
     hold no state of their own: everything per site lives on its `SiteWrapper`.
     """
 
@@ -29,6 +29,15 @@ class Mechanism:
     def call(self, wrapper: Any, args: tuple, kwargs: dict, compiled: bool = False) -> Any:
         """One grad-enabled call of ``wrapper.wrapped(*args, **kwargs)``; ``compiled``: the
         model runs under torch.compile (a mechanism may run the block compiled)."""
+        raise NotImplementedError
+
+    def traceable(self, wrapper: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether dynamo may trace this grad-enabled call into the compiled graph with
+        `traced` (else it is one opaque call of `call`, a graph break)."""
+        return False
+
+    def traced(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+        """One grad-enabled call while dynamo traces the model (after `traceable`)."""
         raise NotImplementedError
 
     def row(self, wrapper: Any) -> dict[str, Any]:

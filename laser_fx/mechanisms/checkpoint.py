@@ -8,6 +8,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..ops.checkpoint import compressed_checkpoint
+from ..ops.traced import traceable, traced_checkpoint
 from .base import Mechanism
 
 __all__ = ["Checkpoint"]
@@ -33,3 +34,9 @@ class Checkpoint(Mechanism):
         return compressed_checkpoint(
             fn, lambda i, t: wrapper.input_tracker(i, t, dims[i]), *args, params=params,
             stats=wrapper.stats, feature_dims=dims, name=wrapper.site.name, **kwargs)
+
+    def traceable(self, wrapper: Any, args: tuple, kwargs: dict) -> bool:
+        return traceable(wrapper, args, kwargs)
+
+    def traced(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+        return traced_checkpoint(wrapper, args, kwargs)

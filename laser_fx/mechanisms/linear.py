@@ -11,8 +11,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .._weights import WeightOrigins
+from ..ops._compiled import traced_role
 from ..ops.linear import compressed_linear
 from ..ops.region import _Kept
+from ..ops.traced_linear import traced_linear
 from ..packed import is_weight
 from .base import Mechanism
 
@@ -24,12 +26,29 @@ _MATMUL = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.T
 
 class LinearOps(TorchFunctionMode):
     """Routes ``F.linear(x, W)`` and ``x @ W`` with ``W`` a parameter of the wrapped module (or
-    a cast / transpose of one) to `compressed_linear`, one tracker per parameter."""
+    a cast / transpose of one) to `compressed_linear`, one tracker per parameter.
 
-    def __init__(self, state: Any, named_params: Any) -> None:
+    Args:
+        state: anything with ``.tracker(slot, width, like)`` and ``.stats``: a
+            `SiteWrapper`, a `ParamSite`.
+        named_params: the ``(name, parameter)`` pairs to recognise.
+        traced: ``(op key, role)`` of a call dynamo traces: the ops go to `traced_linear`.
+    """
+
+    def __init__(self, state: Any, named_params: Any, traced: tuple[int, int] | None = None
+                 ) -> None:
         super().__init__()
-        self.wrapper = state  # anything with .tracker(slot, width, like): a SiteWrapper, a ParamSite
+        self.wrapper = state
         self.origins = WeightOrigins(named_params)
+        self.traced = traced
+        self.first = True
+
+    def _linear(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.traced is not None:
+            first, self.first = self.first, False
+            return traced_linear(*self.traced, name, first, x, weight, bias)
+        return compressed_linear(x, weight, bias, self.wrapper.tracker(name, int(x.shape[-1]), x),
+                                 self.wrapper.stats)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -41,13 +60,15 @@ class LinearOps(TorchFunctionMode):
                     and x.ndim >= 2 and weight.ndim == 2 and weight.requires_grad):
                 if func in _LINEAR:
                     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                    return compressed_linear(
-                        x, weight, bias, self.wrapper.tracker(name, int(x.shape[-1]), x),
-                        self.wrapper.stats)
-                return compressed_linear(  # X @ W == linear(X, Wᵀ)
-                    x, weight.t(), None, self.wrapper.tracker(name, int(weight.shape[0]), x),
-                    self.wrapper.stats)
-        out = func(*args, **kwargs)
+                    return self._linear(name, x, weight, bias)
+                return self._linear(name, x, weight.t(), None)  # X @ W == linear(X, Wᵀ)
+        if (self.traced is not None and getattr(func, "__module__", None) == "torch._tensor"
+                and args and isinstance(args[0], Tensor)):
+            # Tensor's methods written in Python (unflatten, split, ...) call super(), which
+            # dynamo cannot follow from here: called as methods, dynamo knows them
+            out = getattr(args[0], func.__name__)(*args[1:], **kwargs)
+        else:
+            out = func(*args, **kwargs)
         self.origins.note(func, args, out)
         return out
 
@@ -87,3 +108,11 @@ class Linear(Mechanism):
         stats.uncompressed_bytes += kept + stats.dense_bytes - dense_before
         stats.calls += 1
         return out
+
+    def traceable(self, wrapper: Any, args: tuple, kwargs: dict) -> bool:
+        return True  # nothing is re-run: any call traces, dropout included
+
+    def traced(self, wrapper: Any, args: tuple, kwargs: dict) -> Any:
+        key = wrapper.op_key
+        with LinearOps(wrapper, wrapper.wrapped.named_parameters(), (key, traced_role(key))):
+            return wrapper.wrapped(*args, **kwargs)

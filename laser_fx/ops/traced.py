@@ -42,8 +42,6 @@ What differs from the eager checkpoint (`laser_fx.ops.checkpoint`), and why:
 from __future__ import annotations
 
 import contextlib
-import itertools
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,48 +50,25 @@ from torch import Tensor, nn
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
+from ._compiled import new_token, record_of, site, traced_role
 from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
 from ._param_grads import inside_ddp_forward, may_accumulate_in_place
 from ._rerun import gradients
 from ._versions import check_versions, parameter_entries, versions_of
 from .checkpoint import _AUTOCAST_DEVICES, _recomputing
 
-__all__ = ["register_site", "traceable", "traced_checkpoint"]
+__all__ = ["traceable", "traced_checkpoint"]
 
-#: ``op key -> weakref(SiteWrapper)``; a key is a constant in the compiled graph
-_SITES: dict[int, weakref.ref] = {}
-#: ``token id -> _Record``; an entry lives as long as its token tensor
-_RECORDS: dict[int, _Record] = {}
-_KEYS = itertools.count(1)
-_TOKENS = itertools.count(1)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 
 
-def register_site(wrapper: Any) -> int:
-    """A new op key for ``wrapper`` (held weakly: a deleted model frees its entry)."""
-    key = next(_KEYS)
-    _SITES[key] = weakref.ref(wrapper, lambda _, key=key: _SITES.pop(key, None))
-    return key
-
-
-def _site(key: int) -> Any:
-    ref = _SITES.get(key)
-    wrapper = None if ref is None else ref()
-    if wrapper is None:
-        raise LaserFxError(
-            f"internal: a compiled graph calls laser_fx site {key}, whose model no longer "
-            "exists; compile the model again after compressing it."
-        )
-    return wrapper
-
-
 def traceable(wrapper: Any, args: tuple, kwargs: dict) -> bool:
     """Whether this grad-enabled call can be traced as `_TracedCheckpoint` (else it is one
-    opaque call): the checkpoint mechanism, arguments of tensors and constants in tuples,
+    opaque call): arguments of tensors and constants in tuples,
     lists and dicts (`laser_fx.ops._layout`), and no dropout module in training mode (see
     the module docstring)."""
-    if wrapper.mechanism.name != "checkpoint" or layout((args, kwargs)) is None:
+    if layout((args, kwargs)) is None:
         return False
     for m in wrapper.wrapped.modules():
         if isinstance(m, _DROPOUT) and m.training and m.p > 0:
@@ -113,7 +88,7 @@ def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
     # folded into its ops, so `pack` would see none, and the re-run must replay it
     autocast = [i for i, d in enumerate(_AUTOCAST_DEVICES) if torch.is_autocast_enabled(d)
                 for i in (i, DTYPES.index(torch.get_autocast_dtype(d)))]
-    return _TracedCheckpoint.apply(key, _traced_role(key), layout_id(layout((args, kwargs))),
+    return _TracedCheckpoint.apply(key, traced_role(key), layout_id(layout((args, kwargs))),
                                    len(flat), in_place, autocast, *flat, *declared)
 
 
@@ -122,30 +97,8 @@ def _in_place(key: int) -> bool:
     """Whether the traced call's re-run may add its parameter gradients to ``.grad`` itself
     (`may_accumulate_in_place`); read when dynamo traces the call (hooks registered on a
     parameter after compiling are not seen: register them before)."""
-    params = [p for p in _site(key).wrapped.parameters() if p.requires_grad]
+    params = [p for p in site(key).wrapped.parameters() if p.requires_grad]
     return may_accumulate_in_place(params, inside_ddp_forward())
-
-
-@torch._dynamo.assume_constant_result
-def _traced_role(key: int) -> int:
-    """The role (`SiteWrapper.role_of`) of the call dynamo is tracing: its call site read
-    from dynamo's translators (one per frame being traced), since the Python stack inside
-    a compiled graph shows no user lines. Run by dynamo at trace time; a constant of the
-    graph."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    from ..wrapper import call_site
-
-    wrapper = _site(key)
-    frames = []
-    try:  # dynamo internals: if they change, calls share one role (bases, not correctness)
-        tx = InstructionTranslator.current_tx().output.current_tx  # innermost (inlined)
-        while tx is not None:
-            frames.append((tx.f_code.co_filename, tx.lineno, tx.f_code.co_firstlineno))
-            tx = tx.parent
-    except AttributeError:
-        frames = []
-    return wrapper.role_of(call_site(wrapper.root, frames))
 
 
 class _TracedCheckpoint(torch.autograd.Function):
@@ -154,7 +107,7 @@ class _TracedCheckpoint(torch.autograd.Function):
                 autocast: list[int], *flat: Tensor) -> Any:
         xs = flat[:n]
         args, kwargs = rebuild(layout_of(lay), iter(xs))
-        out = _SITES[key]().wrapped(*args, **kwargs)
+        out = site(key).wrapped(*args, **kwargs)
         ctx.save_for_backward(pack(key, role, list(xs), autocast), *flat[n:])
         ctx.key, ctx.in_place, ctx.lay = key, in_place, lay
         ctx.metas = [m for x in xs for m in (DTYPES.index(x.dtype), x.ndim, *x.shape)]
@@ -213,24 +166,16 @@ class _Record:
         return out
 
 
-def _finalize(token_id: int) -> None:
-    _RECORDS.pop(token_id, None)
-
-
 @torch.library.custom_op("laser_fx::pack", mutates_args=())
 def pack(key: int, role: int, tensors: list[Tensor], autocast: list[int]) -> Tensor:
-    """Store one call's inputs with the trackers of its site and role (`_traced_role`) and
+    """Store one call's inputs with the trackers of its site and role (`traced_role`) and
     the call's autocast state (device index, dtype code pairs); returns the record's
     token."""
-    wrapper = _site(key)
+    wrapper = site(key)
     record = _Record(wrapper, role, tensors, autocast)
     wrapper.stats.uncompressed_bytes += _estimated_saved_bytes(wrapper, tensors)
     wrapper.stats.calls += 1
-    token_id = next(_TOKENS)
-    token = torch.tensor(token_id, dtype=torch.int64)
-    _RECORDS[token_id] = record
-    weakref.finalize(token, _finalize, token_id)
-    return token
+    return new_token(record)
 
 
 @pack.register_fake
@@ -269,15 +214,9 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
     ``params`` that ``needs`` asks for (in that order), from a re-run of the block on the
     token's record. ``in_place``: no parameter is declared; the re-run's backward adds the
     block's parameter gradients to their ``.grad`` (see the module docstring)."""
-    wrapper = _site(key)
-    record = _RECORDS.get(int(token))
+    wrapper = site(key)
     name = wrapper.site.name
-    if record is None:
-        raise LaserFxError(
-            f"The compressed checkpoint of {name} has no record for this backward: its graph "
-            "was already backpropagated (use retain_graph=True to backpropagate twice) or "
-            "freed."
-        )
+    record = record_of(token, name)
     check_versions(name, record.versions)
     n = len(record.inputs)
     if in_place:

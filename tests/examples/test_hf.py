@@ -383,7 +383,7 @@ def test_albert_under_torch_compile_traces_its_keyword_calls_exactly() -> None:
     # torch.compile of a Hugging Face model: the shared layer group is called with keyword
     # and constant arguments (attention mask, head_mask=None, output flags): traced
     # checkpoints, whose gradients at energy 1.0 are the uncompressed model's
-    from laser_fx.ops import traced
+    from laser_fx.ops import _compiled
 
     torch._dynamo.reset()
     model = hf_albert.make_model(hf_albert.albert_config(vocab=100, max_len=64, layers=3), 0)
@@ -394,13 +394,13 @@ def test_albert_under_torch_compile_traces_its_keyword_calls_exactly() -> None:
     ref = copy.deepcopy(model)
     cfg = laser_fx.LaserConfig(energy=1.0, compile_backend="aot_eager")
     laser_fx.compress(model, config=cfg, example_kwargs=kw)
-    first_token = next(traced._TOKENS)
+    first_token = next(_compiled.TOKENS)
     got = []
     for m in (ref, model):
         m.zero_grad(set_to_none=True)
         hf_albert.loss_fn(torch.compile(m, backend="aot_eager")(**kw), labels)[0].backward()
         got.append([p.grad for p in m.parameters()])
-    assert next(traced._TOKENS) - first_token - 1 == 3  # one traced call per layer
+    assert next(_compiled.TOKENS) - first_token - 1 == 3  # one traced call per layer
     names = [n for n, _ in ref.named_parameters()]
     _assert_grads_equal(got[0], got[1], names)
     torch._dynamo.reset()

@@ -81,13 +81,13 @@ def test_laser_at_energy_one_trains_like_the_uncompressed_arm() -> None:
 def test_compiled_training_loop_matches_eager_at_energy_one() -> None:
     # --compile: each arm's training forward under torch.compile (the laser arm's block calls
     # traced: laser_fx::pack / rerun), in the example's own loop (ACT carries, AdamW, EMA)
-    from laser_fx.ops import traced
+    from laser_fx.ops import _compiled
 
     torch._dynamo.reset()
     kw = dict(seeds=[0], arms=["baseline", "laser"], energy=1.0, ema_decay=0.0, steps=3)
-    first_token = next(traced._TOKENS)
+    first_token = next(_compiled.TOKENS)
     compiled = train.run(_args(compile="aot_eager", **kw), log=lambda s: None)
-    traced_calls = next(traced._TOKENS) - first_token - 1
+    traced_calls = next(_compiled.TOKENS) - first_token - 1
     eager = train.run(_args(**kw), log=lambda s: None)
     torch._dynamo.reset()
     (c,), (e,) = compiled["runs"], eager["runs"]
