@@ -17,6 +17,7 @@ from torch import nn
 from .config import LaserConfig
 from .mechanisms import MECHANISMS
 from .mechanisms.linear import LinearOps
+from .ops._compiled import register_site
 from .ops.checkpoint import is_recomputing
 from .packed import StorageStats
 from .sites import Site
@@ -42,19 +43,29 @@ class ParamSite(TrackerStore):
         self.config = config
         self.stats = StorageStats()
         self.trackers: dict[str, SubspaceTracker] = {}
-        self._open: list[tuple[LinearOps | None, tuple[int, int]]] = []
+        self._open: list[tuple[LinearOps | None, tuple | None]] = []
+        self.op_key = register_site(self)  # how a compiled graph names this site
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_open"] = []  # a call in progress does not travel
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.op_key = register_site(self)  # a copy is a site of its own
+
     def pre(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled() or is_recomputing() or self.bypass:
             self._open.append((None, []))
             return
-        mode = LinearOps(self, [(self.site.name, self.param)])
-        before = (self.stats.dense_bytes, self.stats.packed)
+        named = [(self.site.name, self.param)]
+        if torch.compiler.is_compiling():  # the ops are traced, and count themselves
+            mode = LinearOps(self, named, (self.op_key, -1), every=True)  # no roles, as eager
+            before = None
+        else:
+            mode = LinearOps(self, named)
+            before = (self.stats, self.stats.dense_bytes, self.stats.packed)
         mode.__enter__()
         self._open.append((mode, before))
 
@@ -65,10 +76,15 @@ class ParamSite(TrackerStore):
         if mode is None:
             return
         mode.__exit__(None, None, None)
+        if before is None:
+            return
         # records and bases are counted by `compressed_linear`; one compressed call per
         # application of the parameter (not per call of the owner)
-        self.stats.uncompressed_bytes += self.stats.dense_bytes - before[0]
-        self.stats.calls += self.stats.packed - before[1]
+        stats, dense, packed = before
+        if stats is not self.stats:  # a step began in between (its hook ran after ours)
+            dense = packed = 0
+        self.stats.uncompressed_bytes += self.stats.dense_bytes - dense
+        self.stats.calls += self.stats.packed - packed
 
     def attach(self, owner: nn.Module) -> None:
         """Register the hooks on ``owner``."""

@@ -33,19 +33,22 @@ class LinearOps(TorchFunctionMode):
             `SiteWrapper`, a `ParamSite`.
         named_params: the ``(name, parameter)`` pairs to recognise.
         traced: ``(op key, role)`` of a call dynamo traces: the ops go to `traced_linear`.
+        every: each op counts as a compressed call (a `ParamSite`), not only the first of
+            the block call (with ``traced``; eager callers count their calls themselves).
     """
 
-    def __init__(self, state: Any, named_params: Any, traced: tuple[int, int] | None = None
-                 ) -> None:
+    def __init__(self, state: Any, named_params: Any, traced: tuple[int, int] | None = None,
+                 every: bool = False) -> None:
         super().__init__()
         self.wrapper = state
         self.origins = WeightOrigins(named_params)
         self.traced = traced
+        self.every = every
         self.first = True
 
     def _linear(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.traced is not None:
-            first, self.first = self.first, False
+            first, self.first = self.first, self.every
             return traced_linear(*self.traced, name, first, x, weight, bias)
         return compressed_linear(x, weight, bias, self.wrapper.tracker(name, int(x.shape[-1]), x),
                                  self.wrapper.stats)

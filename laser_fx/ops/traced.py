@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._library.effects import EffectType
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
@@ -176,6 +177,10 @@ def pack(key: int, role: int, tensors: list[Tensor], autocast: list[int]) -> Ten
     wrapper.stats.uncompressed_bytes += _estimated_saved_bytes(wrapper, tensors)
     wrapper.stats.calls += 1
     return new_token(record)
+
+
+# ordered: never recomputed in backward from saved inputs, nor moved (`traced_linear`)
+pack.register_effect(EffectType.ORDERED)
 
 
 @pack.register_fake

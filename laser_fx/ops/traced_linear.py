@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._library.effects import EffectType
 
 from ._compiled import new_token, record_of, site
 from .linear import _grad_weight
@@ -61,10 +62,10 @@ class _TracedLinear(torch.autograd.Function):
 
 @torch.library.custom_op("laser_fx::pack_linear", mutates_args=())
 def pack_linear(key: int, role: int, slot: str, first: bool, x: Tensor) -> Tensor:
-    """Store a linear op's input ``x`` with the tracker of ``slot`` in ``role``; returns the
-    record's token."""
+    """Store a linear op's input ``x`` with the tracker of ``slot`` in ``role`` (-1: none);
+    returns the record's token."""
     wrapper = site(key)
-    wrapper.role = role
+    wrapper.role = None if role < 0 else role
     x = x.detach()
     tracker = wrapper.tracker(slot, int(x.shape[-1]), x)
     packed = tracker.compress(x, borrowed=True)
@@ -73,6 +74,11 @@ def pack_linear(key: int, role: int, slot: str, first: bool, x: Tensor) -> Tenso
     stats.uncompressed_bytes += x.numel() * x.element_size()
     stats.calls += first
     return new_token((tracker, packed))
+
+
+# ordered: the partitioner may neither recompute it in backward (where the input it reads
+# may be saved anyway: a tanh output) nor reorder it, so trackers see the forward's order
+pack_linear.register_effect(EffectType.ORDERED)
 
 
 @pack_linear.register_fake
