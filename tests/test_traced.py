@@ -203,9 +203,10 @@ def test_a_block_drawing_random_numbers_raises_in_backward():
         _loss(compiled(x)).backward()
 
 
-def test_a_dropout_block_takes_the_opaque_path_and_replays_its_masks():
-    block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.Tanh())
-    x = torch.randn(8, 32, 16)
+def test_a_channel_dropout_block_takes_the_opaque_path_and_replays_its_masks():
+    # Dropout2d's masks are per channel: not what SeededDropout draws, so the call is opaque
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Dropout2d(0.3), nn.Tanh())
+    x = torch.randn(2, 4, 8, 8)
     model = laser_fx.compress(_Loop(block), sites=["block"],
                               config=LaserConfig(energy=1.0, compile_backend=None),
                               example_inputs=(x,))
@@ -323,3 +324,39 @@ def test_an_undeclared_tensor_requiring_grad_raises_instead_of_losing_its_gradie
         _loss(model(x)).backward()  # eager
     with pytest.raises(LaserFxError, match="neither its inputs nor its parameters"):
         _loss(torch.compile(model, backend=BACKEND)(x)).backward()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, h: torch.Tensor, inject: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(h + inject))
+
+
+class _FromData(nn.Module):
+    """The first block call's inputs need no gradient (data, zeros); its parameters do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _TwoInputs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros_like(x)
+        for _ in range(3):
+            h = self.block(h, x)
+        return h
+
+
+def test_a_call_whose_inputs_need_no_gradient_still_gives_its_parameter_gradients():
+    # dynamo inlines such a Function's forward and dropped its ctx when the argument count
+    # equalled forward's parameter count (two tensors here): an error under compile
+    x = torch.randn(8, 32, 16)
+    torch.manual_seed(0)
+    model = _FromData()
+    comp = laser_fx.compress(copy.deepcopy(model), sites=["block"],
+                             config=LaserConfig(energy=1.0, compile_backend=BACKEND),
+                             example_inputs=(x,))
+    g_c = _grads(comp, torch.compile(comp, backend=BACKEND, fullgraph=True), (x,))
+    torch.testing.assert_close(g_c, _grads(model, model, (x,)), rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .._weights import WeightOrigins
-from ..ops._compiled import traced_role
+from ..ops._compiled import call_op, traced_role
 from ..ops.linear import compressed_linear
 from ..ops.region import _Kept
 from ..ops.traced_linear import traced_linear
@@ -65,13 +65,7 @@ class LinearOps(TorchFunctionMode):
                     bias = args[2] if len(args) > 2 else kwargs.get("bias")
                     return self._linear(name, x, weight, bias)
                 return self._linear(name, x, weight.t(), None)  # X @ W == linear(X, Wᵀ)
-        if (self.traced is not None and getattr(func, "__module__", None) == "torch._tensor"
-                and args and isinstance(args[0], Tensor)):
-            # Tensor's methods written in Python (unflatten, split, ...) call super(), which
-            # dynamo cannot follow from here: called as methods, dynamo knows them
-            out = getattr(args[0], func.__name__)(*args[1:], **kwargs)
-        else:
-            out = func(*args, **kwargs)
+        out = call_op(func, args, kwargs)
         self.origins.note(func, args, out)
         return out
 

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..errors import LaserFxError
 
-__all__ = ["RECORDS", "TOKENS", "new_token", "record_of", "register_site", "site", "traced_role"]
+__all__ = ["RECORDS", "TOKENS", "call_op", "new_token", "record_of", "register_site", "site",
+           "traced_role"]
 
 #: ``op key -> weakref(SiteWrapper)``; a key is a constant in the compiled graph
 _SITES: dict[int, weakref.ref] = {}
@@ -89,3 +90,13 @@ def record_of(token: Tensor, name: str) -> Any:
             "already backpropagated (use retain_graph=True to backpropagate twice) or freed."
         )
     return record
+
+
+def call_op(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func(*args, **kwargs)`` from a `TorchFunctionMode` that dynamo may be tracing:
+    Tensor's methods written in Python (``unflatten``, ``split``, ...) call ``super()``,
+    which dynamo cannot follow from a mode; called as methods, dynamo knows them."""
+    if (torch.compiler.is_compiling() and getattr(func, "__module__", None) == "torch._tensor"
+            and args and isinstance(args[0], Tensor)):
+        return getattr(args[0], func.__name__)(*args[1:], **kwargs)
+    return func(*args, **kwargs)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._dropout import SeededDropout
 from ._layout import layout_of, rebuild
 from ._param_grads import tensor_hooks_suspended
 from ._tensors import check_declared
@@ -54,16 +55,16 @@ def autograd_enabled() -> Iterator[None]:
 
 def gradients(wrapper: Any, lay: int, present: Sequence[bool], inputs: Sequence[Tensor],
               needs: Sequence[bool], grads: Sequence[Tensor], params: Sequence[Tensor],
-              in_place: bool) -> list[Tensor | None]:
+              in_place: bool, seed: Tensor | None = None) -> list[Tensor | None]:
     """The gradients of the ``inputs`` marked in ``needs`` and of the declared ``params``
     (not ``in_place``) from the block's outputs' ``grads`` (``present``: which items of the
     call's output have one); ``in_place``: the block's parameter gradients are added to
-    ``.grad`` instead."""
+    ``.grad`` instead; ``seed``: the forward's dropout seed (`SeededDropout`), if any."""
     joint = wrapper.__dict__.get("_joint")
     fast = in_place and wrapper.config.compile_backend is not None
     if fast and joint not in (None, False):
         try:
-            return _joint_gradients(wrapper, joint, lay, present, inputs, needs, grads)
+            return _joint_gradients(wrapper, joint, lay, present, inputs, needs, grads, seed)
         except Exception as err:  # noqa: BLE001 - any failure to transform: the plain way
             wrapper.__dict__["_joint"] = False
             warnings.warn(
@@ -71,7 +72,9 @@ def gradients(wrapper: Any, lay: int, present: Sequence[bool], inputs: Sequence[
                 f"graph ({type(err).__name__}: {str(err).splitlines()[0][:160]}); it re-runs "
                 "the block and backpropagates instead (same gradients, a little slower).",
                 stacklevel=2)
-    got = _autograd_gradients(wrapper, lay, present, inputs, needs, grads, params, in_place)
+    with SeededDropout(seed=seed) if seed is not None else contextlib.nullcontext():
+        got = _autograd_gradients(wrapper, lay, present, inputs, needs, grads, params,
+                                  in_place)
     if fast and joint is None:  # checked once (`check_declared`): later re-runs may fuse
         wrapper.__dict__["_joint"] = torch.compile(_vjp, backend=wrapper.config.compile_backend)
     return got
@@ -106,14 +109,16 @@ def _autograd_gradients(wrapper: Any, lay: int, present: Sequence[bool],
 
 
 def _vjp(block: Any, lay: int, present: tuple, mask: tuple, params: dict, diff: list,
-         rest: list, grads: list) -> tuple[dict, tuple]:
-    """``vjp`` of the block at (``params``, the inputs ``mask`` marks) for ``grads``."""
+         rest: list, grads: list, seed: Tensor | None) -> tuple[dict, tuple]:
+    """``vjp`` of the block at (``params``, the inputs ``mask`` marks) for ``grads``, its
+    dropout masks drawn from ``seed``."""
 
     def run(p: dict, d: tuple) -> tuple:
         it_d, it_r = iter(d), iter(rest)
         flat = [next(it_d) if m else next(it_r) for m in mask]
         args, kwargs = rebuild(layout_of(lay), iter(flat))
-        out = torch.func.functional_call(block, p, args, kwargs)
+        with SeededDropout(seed=seed) if seed is not None else contextlib.nullcontext():
+            out = torch.func.functional_call(block, p, args, kwargs)
         items = list(out) if isinstance(out, tuple) else [out]
         return tuple(o for o, has in zip(items, present, strict=True) if has)
 
@@ -123,14 +128,15 @@ def _vjp(block: Any, lay: int, present: tuple, mask: tuple, params: dict, diff: 
 
 def _joint_gradients(wrapper: Any, joint: Any, lay: int, present: Sequence[bool],
                      inputs: Sequence[Tensor], needs: Sequence[bool],
-                     grads: Sequence[Tensor]) -> list[Tensor | None]:
+                     grads: Sequence[Tensor], seed: Tensor | None) -> list[Tensor | None]:
     named = [(n, p) for n, p in wrapper.wrapped.named_parameters() if p.requires_grad]
     mask = tuple(bool(need) for need in needs)
     diff = [x.detach() for x, m in zip(inputs, mask, strict=True) if m]
     rest = [x for x, m in zip(inputs, mask, strict=True) if not m]
     with torch.no_grad():  # an inference graph: nothing of it is differentiated again
         by_name, by_input = joint(wrapper.wrapped, lay, tuple(present), mask,
-                                  {n: p.detach() for n, p in named}, diff, rest, list(grads))
+                                  {n: p.detach() for n, p in named}, diff, rest, list(grads),
+                                  seed)
     for n, p in named:  # as AccumulateGrad does: the first gradient is adopted, later added
         g = by_name[n]
         if p.grad is None:

@@ -46,13 +46,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch._library.effects import EffectType
 
 from .._isolated import cuda_devices, restore_buffers
 from ..errors import LaserFxError
 from ._compiled import new_token, record_of, site, traced_role
-from ._layout import DTYPES, layout, layout_id, layout_of, rebuild, tensors
+from ._dropout import SeededDropout, replayable
+from ._layout import DTYPES, layout, layout_id, rebuild, tensors
 from ._param_grads import inside_ddp_forward, may_accumulate_in_place
 from ._rerun import gradients
 from ._versions import check_versions, parameter_entries, versions_of
@@ -60,21 +61,12 @@ from .checkpoint import _AUTOCAST_DEVICES, _recomputing
 
 __all__ = ["traceable", "traced_checkpoint"]
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
-
-
 def traceable(wrapper: Any, args: tuple, kwargs: dict) -> bool:
     """Whether this grad-enabled call can be traced as `_TracedCheckpoint` (else it is one
-    opaque call): arguments of tensors and constants in tuples,
-    lists and dicts (`laser_fx.ops._layout`), and no dropout module in training mode (see
-    the module docstring)."""
-    if layout((args, kwargs)) is None:
-        return False
-    for m in wrapper.wrapped.modules():
-        if isinstance(m, _DROPOUT) and m.training and m.p > 0:
-            return False
-    return True
+    opaque call): arguments of tensors and constants in tuples, lists and dicts
+    (`laser_fx.ops._layout`), and no active dropout module but ``nn.Dropout``
+    (`laser_fx.ops._dropout.replayable`)."""
+    return layout((args, kwargs)) is not None and replayable(wrapper.wrapped)
 
 
 def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
@@ -89,8 +81,25 @@ def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
     # folded into its ops, so `pack` would see none, and the re-run must replay it
     autocast = [i for i, d in enumerate(_AUTOCAST_DEVICES) if torch.is_autocast_enabled(d)
                 for i in (i, DTYPES.index(torch.get_autocast_dtype(d)))]
-    return _TracedCheckpoint.apply(key, traced_role(key), layout_id(layout((args, kwargs))),
-                                   len(flat), in_place, autocast, *flat, *declared)
+    if in_place and not any(t.requires_grad for t in flat):
+        # no input needs a gradient: the parameters' come from a plain call (dynamo would
+        # inline the Function's forward, and drops its ctx when the argument count happens
+        # to equal forward's parameter count)
+        return wrapper.wrapped(*args, **kwargs)
+    lay = layout((args, kwargs))
+    # one Function input per distinct tensor (dynamo cannot trace a Function given one
+    # tensor twice: ``net(h, h)``, a graph break); ``order``: each slot's input
+    unique: list[Tensor] = []
+    order = []
+    for t in flat:
+        j = next((j for j, u in enumerate(unique) if u is t), len(unique))
+        if j == len(unique):
+            unique.append(t)
+        order.append(j)
+    # the layout itself for the forward (reading it back from `_layout`'s list by id would
+    # make dynamo guard on that list), its id for rerun
+    return _TracedCheckpoint.apply(key, traced_role(key), layout_id(lay), lay, tuple(order),
+                                   in_place, autocast, *unique, *declared)
 
 
 @torch._dynamo.assume_constant_result
@@ -104,34 +113,46 @@ def _in_place(key: int) -> bool:
 
 class _TracedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, key: int, role: int, lay: int, n: int, in_place: bool,
-                autocast: list[int], *flat: Tensor) -> Any:
-        xs = flat[:n]
-        args, kwargs = rebuild(layout_of(lay), iter(xs))
-        out = site(key).wrapped(*args, **kwargs)
-        ctx.save_for_backward(pack(key, role, list(xs), autocast), *flat[n:])
-        ctx.key, ctx.in_place, ctx.lay = key, in_place, lay
+    def forward(ctx: Any, key: int, role: int, lay: int, structure: Any, order: tuple,
+                in_place: bool, autocast: list[int], *flat: Tensor) -> Any:
+        n = len(set(order))
+        xs = [flat[j] for j in order]
+        args, kwargs = rebuild(structure, iter(xs))
+        dropout = SeededDropout(key)  # masks the re-run can draw again
+        with dropout:
+            out = site(key).wrapped(*args, **kwargs)
+        ctx.save_for_backward(pack(key, role, xs, autocast, dropout.seed), *flat[n:])
+        ctx.key, ctx.in_place, ctx.lay, ctx.order = key, in_place, lay, order
         ctx.metas = [m for x in xs for m in (DTYPES.index(x.dtype), x.ndim, *x.shape)]
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         token, *params = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[6:])
+        order, n = ctx.order, len(set(ctx.order))
+        unique_needs = ctx.needs_input_grad[7:7 + n]
+        needs = [unique_needs[j] for j in order] + list(ctx.needs_input_grad[7 + n:])
         present = [g is not None for g in grads]  # an output that is no tensor has none
         got = iter(rerun(ctx.key, token, [g for g in grads if g is not None], params,
                          ctx.metas, needs, ctx.in_place, ctx.lay, present))
-        return (None,) * 6 + tuple(next(got) if need else None for need in needs)
+        summed: list[Tensor | None] = [None] * n  # a tensor in two slots: both gradients
+        for j, need in zip(order, needs, strict=False):
+            if need:
+                g = next(got)
+                summed[j] = g if summed[j] is None else summed[j] + g
+        return ((None,) * 7 + tuple(summed)
+                + tuple(next(got) if need else None for need in needs[len(order):]))
 
 
 class _Record:
     """One call's stored inputs (a tracker's record, or an exact copy) and what its backward
     checks: the parameters' versions and the autocast state of the forward."""
 
-    __slots__ = ("autocast", "inputs", "versions")
+    __slots__ = ("autocast", "inputs", "seed", "versions")
 
     def __init__(self, wrapper: Any, role: int, tensors: Sequence[Tensor],
-                 autocast: Sequence[int]) -> None:
+                 autocast: Sequence[int], seed: Tensor | None) -> None:
+        self.seed = seed
         self.autocast = [(_AUTOCAST_DEVICES[autocast[i]], DTYPES[autocast[i + 1]])
                          for i in range(0, len(autocast), 2)]
         self.versions = versions_of(parameter_entries(
@@ -168,12 +189,13 @@ class _Record:
 
 
 @torch.library.custom_op("laser_fx::pack", mutates_args=())
-def pack(key: int, role: int, tensors: list[Tensor], autocast: list[int]) -> Tensor:
+def pack(key: int, role: int, tensors: list[Tensor], autocast: list[int],
+         seed: Tensor | None) -> Tensor:
     """Store one call's inputs with the trackers of its site and role (`traced_role`) and
-    the call's autocast state (device index, dtype code pairs); returns the record's
-    token."""
+    the call's autocast state (device index, dtype code pairs) and dropout seed
+    (`laser_fx.ops._dropout`); returns the record's token."""
     wrapper = site(key)
-    record = _Record(wrapper, role, tensors, autocast)
+    record = _Record(wrapper, role, tensors, autocast, None if seed is None else seed.clone())
     wrapper.stats.uncompressed_bytes += _estimated_saved_bytes(wrapper, tensors)
     wrapper.stats.calls += 1
     return new_token(record)
@@ -184,7 +206,8 @@ pack.register_effect(EffectType.ORDERED)
 
 
 @pack.register_fake
-def _(key: int, role: int, tensors: list[Tensor], autocast: list[int]) -> Tensor:
+def _(key: int, role: int, tensors: list[Tensor], autocast: list[int],
+      seed: Tensor | None) -> Tensor:
     return torch.empty((), dtype=torch.int64)
 
 
@@ -236,17 +259,18 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
         for device, dtype in record.autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype))
         declared = [p for p, need in zip(params, needs[n:], strict=True) if need]
-        got = gradients(wrapper, lay, present, inputs, needs[:n], grads, declared, in_place)
+        got = gradients(wrapper, lay, present, inputs, needs[:n], grads, declared, in_place,
+                        record.seed)
         after = _rng_states(devices)
     wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need] + declared
     if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
         raise LaserFxError(
-            f"The block {name} draws random numbers (dropout?). Under torch.compile its "
-            "forward ran inside the compiled graph with the graph's own random stream, which "
-            "the backward re-run cannot replay, so its gradients would be for other random "
-            "masks. Put the randomness in a dropout module (such blocks run as opaque calls "
-            "whose re-run replays the stream), exclude the block (`exclude=`), or compile "
-            "without laser_fx."
+            f"The block {name} draws random numbers outside an nn.Dropout. Under "
+            "torch.compile its forward ran inside the compiled graph with the graph's own "
+            "random stream, which the backward re-run cannot replay, so its gradients would "
+            "be for other random draws. Put the randomness in an nn.Dropout module (its "
+            "masks are seeded per call and replayed), exclude the block (`exclude=`), or "
+            "compile without laser_fx."
         )
     # an op's outputs may not alias its inputs nor each other (``h + inject`` hands the
     # incoming gradient straight back, to both inputs)

@@ -1,0 +1,137 @@
+"""Dropout inside a traced checkpoint (`laser_fx.ops._dropout`).
+
+Under ``torch.compile`` a block's ``F.dropout`` calls (``nn.Dropout`` modules, or called
+directly) draw masks from a per-call seed, which the record keeps, so the backward re-run
+(plain, or the fused vjp graph) draws the same masks. Pinned here: no graph break, the
+gradients of an uncompressed model run with the same masks (energy 1.0, over several steps
+so the fused graph takes over), dropout really active, and the masks' law (Hypothesis).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import laser_fx
+from laser_fx import LaserConfig, SiteWrapper
+from laser_fx.ops._dropout import SeededDropout, dropout_mask, seed
+
+BACKEND = "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def dynamo():
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch._dynamo.reset()
+
+
+class _DropBlock(nn.Module):
+    """Two dropouts per call: a module, and a direct ``F.dropout`` call."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, h: torch.Tensor, inject: torch.Tensor) -> torch.Tensor:
+        a = self.drop(F.gelu(self.up(h + inject)))
+        return h + F.dropout(self.down(a), 0.2, self.training)
+
+
+class _Refiner(nn.Module):
+    def __init__(self, steps: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.block = _DropBlock()
+        self.steps = steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.inp(x)
+        h = u
+        for _ in range(self.steps):
+            h = self.block(h, u)
+        return h
+
+
+def _same_masks(model: _Refiner, x: torch.Tensor) -> torch.Tensor:
+    """``model`` uncompressed and eager, each block call with the masks a traced call
+    draws: a seed from the global generator per call, in order."""
+    u = model.inp(x)
+    h = u
+    for _ in range(model.steps):
+        with SeededDropout(seed=seed(0)):
+            h = model.block(h, u)
+    return h
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return out.float().cumsum(-1).pow(2).mean()
+
+
+def _grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("energy", [1.0, 0.9])
+def test_dropout_blocks_trace_and_the_rerun_replays_their_masks(energy):
+    x = torch.randn(4, 24, 16)
+    torch.manual_seed(0)
+    model = _Refiner()
+    comp = laser_fx.compress(copy.deepcopy(model), sites=["block"],
+                             config=LaserConfig(energy=energy, min_numel=0,
+                                                compile_backend=BACKEND),
+                             example_inputs=(x,))
+    explained = torch._dynamo.explain(copy.deepcopy(comp))(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(comp, backend=BACKEND, fullgraph=True)
+    outs = []
+    for step in range(3):  # the plain re-run first, then the fused vjp graph
+        for m, run in ((comp, compiled), (model, lambda x: _same_masks(model, x))):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            out = run(x)
+            _loss(out).backward()
+            outs.append(out.detach())
+        g_c, g_ref = _grads(comp), _grads(model)
+        torch.testing.assert_close(outs[-2], outs[-1])  # the forward is exact
+        if energy == 1.0:
+            torch.testing.assert_close(g_c, g_ref, rtol=1e-5, atol=1e-6)
+        else:
+            assert float(F.cosine_similarity(g_c, g_ref, dim=0)) > 0.99
+    wrapper = next(m for m in comp.modules() if isinstance(m, SiteWrapper))
+    assert wrapper.__dict__.get("_joint") not in (None, False), "the fused graph never ran"
+    assert not torch.equal(outs[0], outs[2]), "dropout drew the same masks on another seed"
+    model.eval()
+    assert not torch.equal(model(x), outs[-1]), "dropout was not active"
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(0, 2**62 - 1), st.integers(0, 50), st.floats(0.05, 0.9),
+       st.integers(1, 3000))
+def test_a_dropout_mask_is_a_function_of_its_seed_and_index(s, index, p, numel):
+    like = torch.empty(numel)
+    mask = dropout_mask(torch.tensor(s), index, like, p)
+    torch.testing.assert_close(mask, dropout_mask(torch.tensor(s), index, like, p),
+                               rtol=0, atol=0)
+    scale = 1.0 / (1.0 - p)
+    kept = mask != 0
+    torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], scale))
+    # kept ~ Binomial(numel, 1 - p): within 6 standard deviations
+    sd = math.sqrt(numel * p * (1 - p))
+    assert abs(int(kept.sum()) - numel * (1 - p)) <= 6 * sd + 1
+    if numel >= 200:  # another index: another mask (equal with probability < 0.8^200)
+        assert not torch.equal(mask, dropout_mask(torch.tensor(s), index + 1, like, p))
