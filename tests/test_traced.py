@@ -13,66 +13,28 @@ from __future__ import annotations
 
 import copy
 import gc
-import logging
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from traced_helpers import BACKEND, UserTRM
+from traced_helpers import cumsum_loss as _loss
+from traced_helpers import plain_grads as _grads
 
 import laser_fx
 from laser_fx import LaserConfig, LaserFxError, SiteWrapper
 from laser_fx.ops import _compiled, traced
-from laser_fx.testing.zoo import ZOO, TRMLike
+from laser_fx.testing.zoo import ZOO
 
-BACKEND = "aot_eager"
-
-
-@pytest.fixture(autouse=True)
-def dynamo():
-    torch._dynamo.reset()
-    torch._logging.set_logs(dynamo=logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch._dynamo.reset()
-
-
-def _loss(out: torch.Tensor) -> torch.Tensor:
-    return out.float().cumsum(-1).pow(2).mean()
-
-
-def _grads(model: nn.Module, run, inputs) -> torch.Tensor:
-    """The gradients of a plain ``loss.backward()`` (what training loops call)."""
-    model.zero_grad(set_to_none=True)
-    _loss(run(*inputs)).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-
-
-class _UserTRM(TRMLike):
-    """TRMLike with its recursion in this (user) file: call sites are user lines."""
-
-    def _cycle(self, x, y, z):
-        for _ in range(self.n):
-            z = self.net(z, y + x)
-        y = self.net(y, z)
-        return y, z
-
-    def forward(self, tokens):
-        x = self.embed(tokens) * self.d ** 0.5
-        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-        with torch.no_grad():
-            y, z = self._cycle(x, y, z)
-        y, z = self._cycle(x, y, z)
-        return self.lm_head(y)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _trm(granularity: str = "block", **cfg):
     _, inputs = ZOO["trm_attn"](batch=4, d=32, seq=16)
     torch.manual_seed(0)
-    model = _UserTRM(d=32, seq=16, n=2, T=2)
+    model = UserTRM(d=32, seq=16, n=2, T=2)
     config = LaserConfig(granularity=granularity, compile_backend=BACKEND, **cfg)
     eager = laser_fx.compress(copy.deepcopy(model), config=config, example_inputs=inputs)
     comp = laser_fx.compress(copy.deepcopy(model), config=config, example_inputs=inputs)

@@ -10,9 +10,7 @@ so the fused graph takes over), dropout really active, and the masks' law (Hypot
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import warnings
 
 import pytest
 import torch
@@ -20,22 +18,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from traced_helpers import BACKEND
+from traced_helpers import cumsum_loss as _loss
 
 import laser_fx
 from laser_fx import LaserConfig, SiteWrapper
 from laser_fx.ops._dropout import SeededDropout, dropout_mask, seed
 
-BACKEND = "aot_eager"
-
-
-@pytest.fixture(autouse=True)
-def dynamo():
-    torch._dynamo.reset()
-    torch._logging.set_logs(dynamo=logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class _DropBlock(nn.Module):
@@ -76,10 +66,6 @@ def _same_masks(model: _Refiner, x: torch.Tensor) -> torch.Tensor:
         with SeededDropout(seed=seed(0)):
             h = model.block(h, u)
     return h
-
-
-def _loss(out: torch.Tensor) -> torch.Tensor:
-    return out.float().cumsum(-1).pow(2).mean()
 
 
 def _grads(model: nn.Module) -> torch.Tensor:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import logging
-import warnings
 
 import pytest
 import torch
@@ -23,55 +21,30 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from traced_helpers import BACKEND, UserTRM, plain_grads
+from traced_helpers import cumsum_loss as _loss
 
 import laser_fx
 from laser_fx import LaserConfig, SiteWrapper
 from laser_fx.ops import _compiled
-from laser_fx.testing.zoo import ZOO, TRMLike
+from laser_fx.testing.zoo import ZOO
 
-BACKEND = "aot_eager"
-
-
-@pytest.fixture(autouse=True)
-def dynamo():
-    torch._dynamo.reset()
-    torch._logging.set_logs(dynamo=logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch._dynamo.reset()
-
-
-def _loss(out: torch.Tensor) -> torch.Tensor:
-    return out.float().cumsum(-1).pow(2).mean()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _grads(model: nn.Module, run, inputs, seed: int = 0) -> torch.Tensor:
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same dropout masks for every model run with this seed
-    _loss(run(*inputs)).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    return plain_grads(model, run, inputs, seed)
 
 
 def _wrappers(model: nn.Module) -> list[SiteWrapper]:
     return [m for m in model.modules() if isinstance(m, SiteWrapper)]
 
 
-class _UserTRM(TRMLike):
-    """TRMLike with its recursion in this (user) file: call sites are user lines."""
-
-    def _cycle(self, x, y, z):
-        for _ in range(self.n):
-            z = self.net(z, y + x)
-        y = self.net(y, z)
-        return y, z
-
-
 @pytest.mark.parametrize("granularity", ["block", "layer"])
 def test_fullgraph_trm_gives_the_eager_gradients_trackers_and_roles(granularity):
     _, inputs = ZOO["trm_attn"](batch=4, d=32, seq=16)
     torch.manual_seed(0)
-    model = _UserTRM(d=32, seq=16, n=2, T=2)
+    model = UserTRM(d=32, seq=16, n=2, T=2)
     config = LaserConfig(mode="linear", granularity=granularity)
     eager = laser_fx.compress(copy.deepcopy(model), config=config, example_inputs=inputs)
     comp = laser_fx.compress(copy.deepcopy(model), config=config, example_inputs=inputs)

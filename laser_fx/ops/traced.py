@@ -34,9 +34,13 @@ What differs from the eager checkpoint (`laser_fx.ops.checkpoint`), and why:
   when a parameter is not a leaf or has gradient hooks, the parameters are declared inputs
   and their gradients returned, as in eager mode (`laser_fx.ops._param_grads`);
 * the compiled forward draws random numbers from the graph's own stream, which a re-run
-  cannot replay: blocks with an active dropout module take the opaque path
-  (`traceable`), and a re-run that draws random numbers anyway raises instead of giving
-  gradients for other dropout masks.
+  cannot replay: ``F.dropout`` in the block draws its masks from a per-call seed the record
+  keeps (`laser_fx.ops._dropout`); blocks with channel or alpha dropout modules take the
+  opaque path (`traceable`), and a re-run that draws random numbers anyway raises instead
+  of giving gradients for other random draws;
+* a call whose inputs need no gradient is a plain call (nothing for the Function to carry;
+  its parameters' gradients come from the graph), and a tensor given twice is one input of
+  the Function (dynamo cannot trace a Function given one tensor twice).
 """
 
 from __future__ import annotations
