@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -72,18 +73,23 @@ def _grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("energy", [1.0, 0.9])
-def test_dropout_blocks_trace_and_the_rerun_replays_their_masks(energy):
+_INDUCTOR = pytest.mark.skipif(os.environ.get("LASER_FX_TEST_INDUCTOR") != "1",
+                               reason="inductor is opt-in (LASER_FX_TEST_INDUCTOR=1)")
+
+
+@pytest.mark.parametrize(("energy", "backend"), [
+    (1.0, BACKEND), (0.9, BACKEND), pytest.param(1.0, "inductor", marks=_INDUCTOR)])
+def test_dropout_blocks_trace_and_the_rerun_replays_their_masks(energy, backend):
     x = torch.randn(4, 24, 16)
     torch.manual_seed(0)
     model = _Refiner()
     comp = laser_fx.compress(copy.deepcopy(model), sites=["block"],
                              config=LaserConfig(energy=energy, min_numel=0,
-                                                compile_backend=BACKEND),
+                                                compile_backend=backend),
                              example_inputs=(x,))
     explained = torch._dynamo.explain(copy.deepcopy(comp))(x)
     assert explained.graph_break_count == 0, explained.break_reasons
-    compiled = torch.compile(comp, backend=BACKEND, fullgraph=True)
+    compiled = torch.compile(comp, backend=backend, fullgraph=True)
     outs = []
     for step in range(3):  # the plain re-run first, then the fused vjp graph
         for m, run in ((comp, compiled), (model, lambda x: _same_masks(model, x))):
@@ -93,7 +99,7 @@ def test_dropout_blocks_trace_and_the_rerun_replays_their_masks(energy):
             _loss(out).backward()
             outs.append(out.detach())
         g_c, g_ref = _grads(comp), _grads(model)
-        torch.testing.assert_close(outs[-2], outs[-1])  # the forward is exact
+        torch.testing.assert_close(outs[-2], outs[-1], rtol=1e-5, atol=1e-5)  # exact forward
         if energy == 1.0:
             torch.testing.assert_close(g_c, g_ref, rtol=1e-5, atol=1e-6)
         else:
