@@ -12,14 +12,13 @@ the backward as inductor does, without a C++ build.
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from traced_helpers import BACKEND, UserTRM
+from traced_helpers import BACKEND, UserTRM, check_records_follow_their_graph
 from traced_helpers import cumsum_loss as _loss
 from traced_helpers import plain_grads as _grads
 
@@ -78,21 +77,8 @@ def test_no_graph_break_and_the_block_is_traced_not_called():
 def test_records_live_as_long_as_their_graph():
     _, inputs, _, comp = _trm()
     compiled = torch.compile(comp, backend=BACKEND)
-    out = compiled(*inputs)
-    assert len(_compiled.RECORDS) == 3  # the grad-enabled cycle: n + 1 calls of the block
-    del out
-    gc.collect()
-    assert not _compiled.RECORDS
-    loss = _loss(compiled(*inputs))
-    comp.zero_grad(set_to_none=True)
-    loss.backward(retain_graph=True)
-    first = [p.grad.clone() for p in comp.parameters()]
-    loss.backward()  # retain_graph: the records are still there, and give the same gradients
-    for p, g in zip(comp.parameters(), first, strict=True):
-        torch.testing.assert_close(p.grad, 2 * g)
-    del loss
-    gc.collect()
-    assert not _compiled.RECORDS
+    # the grad-enabled cycle: n + 1 calls of the block
+    check_records_follow_their_graph(comp, compiled, inputs, 3)
 
 
 def test_a_parameter_changed_in_place_before_backward_raises():

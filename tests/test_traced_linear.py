@@ -13,7 +13,6 @@ backward as inductor does, without a C++ build.
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from traced_helpers import BACKEND, UserTRM, plain_grads
-from traced_helpers import cumsum_loss as _loss
+from traced_helpers import BACKEND, UserTRM, check_records_follow_their_graph, plain_grads
 
 import laser_fx
 from laser_fx import LaserConfig, SiteWrapper
@@ -132,21 +130,7 @@ def test_records_live_as_long_as_their_graph():
                               example_inputs=(x,))
     model.eval()  # no dropout: two backwards of one graph give the same gradients
     compiled = torch.compile(model, backend=BACKEND)
-    out = compiled(x)
-    assert len(_compiled.RECORDS) == 2 * model.steps
-    del out
-    gc.collect()
-    assert not _compiled.RECORDS
-    loss = _loss(compiled(x))
-    model.zero_grad(set_to_none=True)
-    loss.backward(retain_graph=True)
-    first = [p.grad.clone() for p in model.parameters()]
-    loss.backward()  # retain_graph: the records are still there, and give the same gradients
-    for p, g in zip(model.parameters(), first, strict=True):
-        torch.testing.assert_close(p.grad, 2 * g)
-    del loss
-    gc.collect()
-    assert not _compiled.RECORDS
+    check_records_follow_their_graph(model, compiled, (x,), 2 * model.steps)
 
 
 @pytest.mark.parametrize("energy", [1.0, 0.95])

@@ -43,3 +43,27 @@ class UserTRM(TRMLike):
             y, z = self._cycle(x, y, z)
         y, z = self._cycle(x, y, z)
         return self.lm_head(y)
+
+
+def check_records_follow_their_graph(model: nn.Module, run, inputs, records: int) -> None:
+    """A forward leaves ``records`` records, freed with its graph; ``retain_graph`` keeps
+    them for a second backward, which gives the same gradients again."""
+    import gc
+
+    from laser_fx.ops import _compiled
+
+    out = run(*inputs)
+    assert len(_compiled.RECORDS) == records
+    del out
+    gc.collect()
+    assert not _compiled.RECORDS
+    loss = cumsum_loss(run(*inputs))
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    loss.backward()  # retain_graph: the records are still there, and give the same gradients
+    for p, g in zip(model.parameters(), first, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g)
+    del loss
+    gc.collect()
+    assert not _compiled.RECORDS
