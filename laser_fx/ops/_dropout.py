@@ -1,14 +1,15 @@
 """Dropout a traced checkpoint can replay: masks drawn from a per-call seed.
 
 A traced call's forward runs inside the compiled graph, whose random stream a re-run in
-backward cannot replay. Inside a traced call of a block with dropout, `SeededDropout`
-routes ``F.dropout`` (what ``nn.Dropout`` calls) to masks that are a pure function of the
-call's seed and the dropout's index in the call (``laser_fx::dropout_mask``); the re-run
-enters the same mode with the seed its record keeps, and so draws the same masks, in the
-fused vjp graph as in the plain re-run.
+backward cannot replay. Inside every traced call, `SeededDropout` routes ``F.dropout``
+(what ``nn.Dropout`` calls) to masks that are a pure function of the call's seed and the
+dropout's index in the call (``laser_fx::dropout_mask``); the re-run enters the same mode
+with the seed its record keeps, and so draws the same masks, in the fused vjp graph as in
+the plain re-run.
 
-The seed is drawn from the global CPU generator by ``laser_fx::seed``, an ordered op (never
-recomputed, merged or moved), so ``torch.manual_seed`` makes a compiled run reproducible.
+The seed is drawn at the call's first dropout (a call without dropout draws none) from the
+global CPU generator by ``laser_fx::seed``, an ordered op (never recomputed, merged or
+moved), so ``torch.manual_seed`` makes a compiled run reproducible.
 The masks are not the ones eager dropout would draw (neither are a compiled uncompressed
 model's); their distribution is: each element kept with probability ``1 - p``, scaled by
 ``1 / (1 - p)``.
