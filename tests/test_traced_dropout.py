@@ -24,7 +24,7 @@ from traced_helpers import cumsum_loss as _loss
 
 import laser_fx
 from laser_fx import LaserConfig, SiteWrapper
-from laser_fx.ops._dropout import SeededDropout, dropout_mask, seed
+from laser_fx.ops._dropout import SeededDropout, attention, dropout_mask, seed
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -127,3 +127,56 @@ def test_a_dropout_mask_is_a_function_of_its_seed_and_index(s, index, p, numel):
     assert abs(int(kept.sum()) - numel * (1 - p)) <= 6 * sd + 1
     if numel >= 200:  # another index: another mask (equal with probability < 0.8^200)
         assert not torch.equal(mask, dropout_mask(torch.tensor(s), index + 1, like, p))
+
+
+class _AttnBlock(nn.Module):
+    """Attention with the fused kernel's own dropout, as Hugging Face layers call it."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.heads = heads
+
+    def forward(self, h: torch.Tensor, inject: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(h + inject).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.25 if self.training else 0.0)
+        return h + a.transpose(1, 2).flatten(-2)
+
+
+def test_attention_dropout_is_seeded_and_replayed():
+    x = torch.randn(2, 12, 16)
+    torch.manual_seed(0)
+    model = _Refiner()
+    model.block = _AttnBlock()
+    comp = laser_fx.compress(copy.deepcopy(model), sites=["block"],
+                             config=LaserConfig(energy=1.0, min_numel=0,
+                                                compile_backend=BACKEND),
+                             example_inputs=(x,))
+    compiled = torch.compile(comp, backend=BACKEND, fullgraph=True)
+    for step in range(2):
+        grads = []
+        for m, run in ((comp, compiled), (model, lambda x: _same_masks(model, x))):
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            _loss(run(x)).backward()  # the fused kernel's dropout would raise here
+            grads.append(_grads(m))
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from(["none", "bool", "float"]), st.booleans(), st.booleans())
+def test_written_out_attention_is_the_fused_one(s, n_q, n_k, mask, causal, gqa):
+    g = torch.Generator().manual_seed(s)
+    q = torch.randn(2, 4, n_q, 8, generator=g)
+    k, v = (torch.randn(2, 2 if gqa else 4, n_k, 8, generator=g) for _ in range(2))
+    attn_mask = {"none": None, "float": torch.randn(n_q, n_k, generator=g),
+                 "bool": torch.rand(n_q, n_k, generator=g) > 0.3}[mask]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask[:, 0] = True  # no row masked out entirely (both give NaN there)
+    causal = causal and attn_mask is None  # the fused kernel refuses both
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=causal,
+                                          enable_gqa=gqa)
+    got = attention(q, k, v, attn_mask, causal, None, gqa, lambda w: w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -269,11 +269,12 @@ def rerun(key: int, token: Tensor, grads: list[Tensor], params: list[Tensor], me
     wrt = [x for x, need in zip(inputs, needs[:n], strict=True) if need] + declared
     if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
         raise LaserFxError(
-            f"The block {name} draws random numbers outside an nn.Dropout. Under "
+            f"The block {name} draws random numbers other than through F.dropout (an "
+            "nn.Dropout) or the dropout of F.scaled_dot_product_attention. Under "
             "torch.compile its forward ran inside the compiled graph with the graph's own "
             "random stream, which the backward re-run cannot replay, so its gradients would "
-            "be for other random draws. Put the randomness in an nn.Dropout module (its "
-            "masks are seeded per call and replayed), exclude the block (`exclude=`), or "
+            "be for other random draws. Use nn.Dropout for the randomness (its masks are "
+            "seeded per call and replayed), exclude the block (`exclude=`), or "
             "compile without laser_fx."
         )
     # an op's outputs may not alias its inputs nor each other (``h + inject`` hands the

@@ -387,9 +387,6 @@ def test_albert_under_torch_compile_traces_its_keyword_calls_exactly() -> None:
 
     torch._dynamo.reset()
     model = hf_albert.make_model(hf_albert.albert_config(vocab=100, max_len=64, layers=3), 0)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0  # a dropout module would make the calls opaque (see laser_fx.ops.traced)
     kw, labels = hf_albert.make_batch(torch.Generator().manual_seed(0), 4, 16, 100)
     ref = copy.deepcopy(model)
     cfg = laser_fx.LaserConfig(energy=1.0, compile_backend="aot_eager")
@@ -403,4 +400,45 @@ def test_albert_under_torch_compile_traces_its_keyword_calls_exactly() -> None:
     assert next(_compiled.TOKENS) - first_token - 1 == 3  # one traced call per layer
     names = [n for n, _ in ref.named_parameters()]
     _assert_grads_equal(got[0], got[1], names)
+    torch._dynamo.reset()
+
+
+def test_albert_with_dropout_under_torch_compile_replays_its_masks() -> None:
+    # hidden and attention dropout (the latter inside F.scaled_dot_product_attention) in the
+    # shared layer group: traced with seeded masks; at energy 1.0 the gradients are the
+    # uncompressed model's run with the same masks (each layer-group call in SeededDropout)
+    from laser_fx.ops import _compiled
+    from laser_fx.ops._dropout import SeededDropout, seed
+
+    torch._dynamo.reset()
+    config = hf_albert.albert_config(vocab=100, max_len=64, layers=3)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.2
+    model = hf_albert.make_model(config, 0)
+    model.albert.embeddings.dropout.p = 0.0  # outside the block: the graph's own stream
+    kw, labels = hf_albert.make_batch(torch.Generator().manual_seed(0), 4, 16, 100)
+    ref = copy.deepcopy(model)
+    group = ref.albert.encoder.albert_layer_groups[0]
+    plain = group.forward
+
+    def seeded(*args, **kwargs):
+        with SeededDropout(seed=seed(0)):
+            return plain(*args, **kwargs)
+
+    group.forward = seeded
+    cfg = laser_fx.LaserConfig(energy=1.0, compile_backend="aot_eager")
+    laser_fx.compress(model, config=cfg, example_kwargs=kw)
+    first_token = next(_compiled.TOKENS)
+    got = []
+    for m, run in ((ref, ref), (model, torch.compile(model, backend="aot_eager"))):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        hf_albert.loss_fn(run(**kw), labels)[0].backward()
+        got.append([p.grad for p in m.parameters()])
+    assert next(_compiled.TOKENS) - first_token - 1 == 3  # one traced call per layer
+    names = [n for n, _ in ref.named_parameters()]
+    _assert_grads_equal(got[0], got[1], names)
+    torch.manual_seed(4)  # dropout is on: another seed, other gradients
+    model.zero_grad(set_to_none=True)
+    hf_albert.loss_fn(torch.compile(model, backend="aot_eager")(**kw), labels)[0].backward()
+    assert not torch.equal(model.classifier.weight.grad, got[1][names.index("classifier.weight")])
     torch._dynamo.reset()
