@@ -40,12 +40,11 @@ class WeightOrigins:
         if not isinstance(t, torch.Tensor):
             return None
         name = self._params.get(id(t))
-        if name is not None or not isinstance(self._derived, list):
-            return name if name is not None else self._derived.get(t)
-        for derived, name in self._derived:
-            if derived is t:
-                return name
-        return None
+        if name is not None:
+            return name
+        if isinstance(self._derived, list):
+            return next((n for derived, n in self._derived if derived is t), None)
+        return self._derived.get(t)
 
     def note(self, func: object, args: tuple, out: object) -> None:
         """Record ``out`` as derived from a parameter when ``func`` is a cast of one."""

@@ -65,6 +65,7 @@ from .checkpoint import _AUTOCAST_DEVICES, _recomputing
 
 __all__ = ["traceable", "traced_checkpoint"]
 
+
 def traceable(wrapper: Any, args: tuple, kwargs: dict) -> bool:
     """Whether this grad-enabled call can be traced as `_TracedCheckpoint` (else it is one
     opaque call): arguments of tensors and constants in tuples, lists and dicts
@@ -76,20 +77,19 @@ def traceable(wrapper: Any, args: tuple, kwargs: dict) -> bool:
 def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
     """The grad-enabled call ``wrapper.wrapped(*args, **kwargs)`` as `_TracedCheckpoint`
     (traced by dynamo: call it only while compiling, after `traceable`)."""
-    params = [p for p in wrapper.wrapped.parameters() if p.requires_grad]
     key = wrapper.op_key
     in_place = _in_place(key)
-    declared = () if in_place else params
     flat = tensors((args, kwargs))
-    # the autocast state as dynamo traces the call: the compiled graph runs with autocast
-    # folded into its ops, so `pack` would see none, and the re-run must replay it
-    autocast = [i for i, d in enumerate(_AUTOCAST_DEVICES) if torch.is_autocast_enabled(d)
-                for i in (i, DTYPES.index(torch.get_autocast_dtype(d)))]
     if in_place and not any(t.requires_grad for t in flat):
         # no input needs a gradient: the parameters' come from a plain call (dynamo would
         # inline the Function's forward, and drops its ctx when the argument count happens
         # to equal forward's parameter count)
         return wrapper.wrapped(*args, **kwargs)
+    declared = () if in_place else [p for p in wrapper.wrapped.parameters() if p.requires_grad]
+    # the autocast state as dynamo traces the call: the compiled graph runs with autocast
+    # folded into its ops, so `pack` would see none, and the re-run must replay it
+    autocast = [i for i, d in enumerate(_AUTOCAST_DEVICES) if torch.is_autocast_enabled(d)
+                for i in (i, DTYPES.index(torch.get_autocast_dtype(d)))]
     lay = layout((args, kwargs))
     # one Function input per distinct tensor (dynamo cannot trace a Function given one
     # tensor twice: ``net(h, h)``, a graph break); ``order``: each slot's input
@@ -140,7 +140,7 @@ class _TracedCheckpoint(torch.autograd.Function):
         got = iter(rerun(ctx.key, token, [g for g in grads if g is not None], params,
                          ctx.metas, needs, ctx.in_place, ctx.lay, present))
         summed: list[Tensor | None] = [None] * n  # a tensor in two slots: both gradients
-        for j, need in zip(order, needs, strict=False):
+        for j, need in zip(order, needs[:len(order)], strict=True):
             if need:
                 g = next(got)
                 summed[j] = g if summed[j] is None else summed[j] + g
