@@ -13,9 +13,16 @@ compressed once to fit a basis; then the script times, median of ``--reps`` runs
 
 Takes 1-5 minutes on 2 CPU cores (the exact SVDs dominate). Prints a Markdown table.
 
+``--layouts`` times, instead, the tracker's products in the two layouts of their narrow result
+(``--tokens`` x k for each ``--ranks`` k): ``X @ Q`` written ``N x k`` as torch lays it out,
+against the ``k x N`` buffer `laser_fx._linalg.skinny` computes (``(Qᵀ Xᵀ)ᵀ``), and likewise
+``Xᵀ C`` (a power iteration). Seconds, not minutes.
+
 Example::
 
     PYTHONPATH=. .venv/bin/python benchmarks/tracker_cost.py --reps 5
+    PYTHONPATH=. .venv/bin/python benchmarks/tracker_cost.py --layouts --widths 128 384 \
+        --tokens 784 --ranks 4 6 11 16 29 --reps 200 --threads 1
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from laser_fx._linalg import skinny
 from laser_fx.config import LaserConfig
 from laser_fx.tracker import SubspaceTracker
 
@@ -71,6 +79,35 @@ def _row(width: int, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def _layout_row(width: int, k: int, args: argparse.Namespace) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(width + k)
+    x = torch.randn(args.tokens, width, generator=gen)
+    q = torch.randn(width, k, generator=gen)
+    c = torch.randn(args.tokens, k, generator=gen)
+    return {
+        "X @ Q": _median_ms(lambda: x @ q, args.reps),
+        "skinny(X, Q)": _median_ms(lambda: skinny(x, q), args.reps),
+        "Xᵀ @ C": _median_ms(lambda: x.T @ c, args.reps),
+        "skinny(Xᵀ, C)": _median_ms(lambda: skinny(x.T, c), args.reps),
+    }
+
+
+def _layouts(args: argparse.Namespace) -> list[dict[str, float]]:
+    names = ("X @ Q", "skinny(X, Q)", "Xᵀ @ C", "skinny(Xᵀ, C)")
+    print("| width | k | " + " | ".join(f"{n} (ms)" for n in names)
+          + " | X @ Q / skinny | Xᵀ @ C / skinny |")
+    print("|---:|---:|" + "---:|" * (len(names) + 2))
+    rows = []
+    for width in args.widths:
+        for k in args.ranks:
+            r = _layout_row(width, k, args)
+            rows.append({"width": width, "k": k, **r})
+            print(f"| {width} | {k} | " + " | ".join(f"{r[n]:.3f}" for n in names)
+                  + f" | {r['X @ Q'] / r['skinny(X, Q)']:.2f} | "
+                  f"{r['Xᵀ @ C'] / r['skinny(Xᵀ, C)']:.2f} |", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     """Parse arguments, time every width, print the Markdown table; returns its rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,6 +120,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 is steadier on a busy CPU)"
     )
+    parser.add_argument("--layouts", action="store_true",
+                        help="time the two layouts of the tracker's narrow products instead")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 6, 11, 16, 29],
+                        help="with --layouts: the k columns of Q and C")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,6 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         f"{torch.get_num_threads()} threads, N={args.tokens}, energy={args.energy}, "
         f"median of {args.reps} (ms)\n"
     )
+    if args.layouts:
+        return _layouts(args)
     print(
         "| width | k | projection | +1 power iter | reset | exact SVD | F.linear | proj / matmul |"
     )

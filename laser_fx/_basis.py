@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import as_fp32, gram_basis, ritz, subspace_iteration
+from ._linalg import as_fp32, gram_basis, ritz, skinny, subspace_iteration
 from .config import LaserConfig
 
 __all__ = ["BasisUpdates"]
@@ -79,7 +79,7 @@ class BasisUpdates:
             rand = self._random(self.width, extra, xc)
             start = torch.cat([self.basis, rand], dim=1)
             if coeffs is not None:
-                x_start = torch.cat([coeffs, xc @ rand], dim=1)
+                x_start = torch.cat([coeffs.T, skinny(xc, rand).T]).T  # k x N buffers
         q = subspace_iteration(xc, start, self.config.power_iters, x_start)
         energies, basis, coeffs = ritz(xc, q)
         if self.config.rank is None:
@@ -120,7 +120,7 @@ class BasisUpdates:
             q *= 2
         if basis is None:
             basis = self._exact(xc, fixed, target)
-        coeffs = xc @ basis
+        coeffs = skinny(xc, basis)
         fid = min(1.0, float(coeffs.square().sum()) / total)
         self._reset_fid = as_fp32(fid)
         self.reset_fidelity.fill_(fid)

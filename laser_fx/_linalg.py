@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["as_fp32", "gram_basis", "orthonormal", "ritz", "single_thread_if_small",
+__all__ = ["as_fp32", "gram_basis", "orthonormal", "ritz", "single_thread_if_small", "skinny",
            "subspace_iteration"]
 
 #: CPU problems up to this many elements run their factorizations on one thread (see below).
@@ -42,6 +42,17 @@ def single_thread_if_small(x: Tensor) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def skinny(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for a tall, narrow result (``N x k``, k small), as the view ``(bᵀ aᵀ)ᵀ``.
+
+    The tracker's products all have few columns (``X Q``, ``C V``, ``Xᵀ C``). Single-threaded
+    MKL writes a ``k x N`` product several times faster than the same ``N x k`` one when k is
+    not a multiple of 16 (``benchmarks/tracker_cost.py --layouts``); the result is a transposed
+    view of a dense buffer, which every consumer (matmul, reductions, ``.to``) takes as is.
+    """
+    return (b.T @ a.T).T
+
+
 def orthonormal(m: Tensor) -> Tensor:
     """An orthonormal basis of the columns of ``m`` (reduced QR)."""
     return torch.linalg.qr(m, mode="reduced").Q
@@ -56,12 +67,12 @@ def subspace_iteration(x: Tensor, start: Tensor, iters: int, x_start: Tensor | N
     ``start`` first (the span is the same; the QR after the iteration restores the scale).
     """
     if x_start is not None and iters > 0:
-        q = orthonormal(x.T @ x_start)
+        q = orthonormal(skinny(x.T, x_start))
         iters -= 1
     else:
         q = orthonormal(start)
     for _ in range(iters):
-        q = orthonormal(x.T @ (x @ q))
+        q = orthonormal(skinny(x.T, skinny(x, q)))
     return q
 
 
@@ -87,10 +98,10 @@ def ritz(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         (energies fp64 descending, basis ``Q V``, coefficients ``X Q V``).
     """
-    c = x @ q
+    c = skinny(x, q)
     vals, vecs = _sym_eig_desc(_gram(c))
     v = vecs.to(q.dtype)
-    return vals, q @ v, c @ v
+    return vals, q @ v, skinny(c, v)
 
 
 def gram_basis(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._basis import BasisUpdates
-from ._linalg import as_fp32, single_thread_if_small
+from ._linalg import as_fp32, single_thread_if_small, skinny
 from .config import LaserConfig
 from .errors import ConfigError
 from .packed import Packed, nbytes
@@ -48,13 +48,21 @@ _BACKOFF = 8
 _BACKOFF_MAX = 256
 _COUNTERS = ("calls", "resets", "power_updates", "shrinks", "nonfinite", "dense_stores",
              "revisions")
+#: plain Python state a call updates (never a parameter, buffer or submodule): set directly,
+#: past ``nn.Module.__setattr__``'s checks, which cost more than a steady-state projection
+_PLAIN = frozenset((*_COUNTERS, "stored_bytes", "dense_bytes", "backoff", "backoff_next",
+                    "_pending", "_reset_fid", "_min_fid", "_last_fid"))
 
 
-def _compact(t: Tensor) -> Tensor:
-    """``t`` in its own storage, so that a kept slice does not pin a larger buffer alive."""
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+def _compact(t: Tensor, *, transposed: bool = False) -> Tensor:
+    """``t`` in its own storage, so that a kept slice does not pin a larger buffer alive;
+    ``transposed``: a matrix kept as the transpose of a dense buffer, the layout coefficients
+    are computed in (`skinny`)."""
+    own = t.T if transposed else t
+    if own.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
-    return t.clone(memory_format=torch.contiguous_format)
+    own = own.clone(memory_format=torch.contiguous_format)
+    return own.T if transposed else own
 
 
 class _Pending:
@@ -130,6 +138,12 @@ class SubspaceTracker(BasisUpdates, nn.Module):
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PLAIN:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ public API
     def begin_step(self) -> None:
@@ -290,7 +304,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         explicitly is cheaper on a CPU than a one-pass variance, and ``‖X‖² - N‖m‖²`` loses
         its digits when a shared component dominates, as it does in TRM's carries.)"""
         xc, mean = self._centered(x)
-        coeffs = xc @ self.basis
+        coeffs = skinny(xc, self.basis)
         total = torch.linalg.vector_norm(xc).square().reshape(1)
         return coeffs, mean, torch.cat([total, coeffs.square().sum(0)])
 
@@ -355,7 +369,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             return self._store_dense(x, into=into)
         if fid is not None:
             self._note(fid)
-        fields = {"coeffs": _compact(c), "basis": self.basis, "mean": m}
+        fields = {"coeffs": _compact(c, transposed=True), "basis": self.basis, "mean": m}
         if into is None:
             packed = Packed(shape=x.shape, dtype=x.dtype, **fields)
             self.stored_bytes += packed.nbytes

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laser_fx._linalg import as_fp32, gram_basis, ritz, subspace_iteration
+from laser_fx._linalg import as_fp32, gram_basis, ritz, skinny, subspace_iteration
 
 SHAPES = st.tuples(st.integers(1, 80), st.integers(1, 40))
 SEED = st.integers(0, 2**31 - 1)
@@ -86,6 +86,22 @@ def test_subspace_iteration_from_a_known_product_spans_what_the_plain_one_spans(
     e_plain = float((x.double() @ plain).square().sum())
     e_known = float((x.double() @ known).square().sum())
     assert abs(e_plain - e_known) <= 1e-8 * max(float(x.double().square().sum()), 1e-30)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(1, 300), st.integers(1, 64), st.integers(1, 40), st.booleans(), SEED)
+def test_skinny_is_the_product_in_a_transposed_dense_buffer(rows, inner, k, a_transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    # the tracker hands in row-major activations and, for Xᵀ C, their transposed view
+    a = (torch.randn(inner, rows, generator=g).T if a_transposed
+         else torch.randn(rows, inner, generator=g))
+    b = torch.randn(inner, k, generator=g)
+    out = skinny(a, b)
+    assert out.shape == (rows, k)
+    torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+    # the k x rows buffer the faster GEMM wrote, seen transposed (not a copy)
+    assert out.T.is_contiguous()
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-1e30,

@@ -112,6 +112,11 @@ def test_basis_stays_orthonormal_and_fidelity_in_unit_interval(width, n, config,
                 and tracker.basis.shape[1] < packed.basis.shape[1])
             if before.shape[1] and tracker.basis is not before:
                 assert before.data_ptr() != tracker.basis.data_ptr()  # a new tensor, not in place
+            # the coefficients own exactly their bytes (a kept prefix of a refinement's
+            # columns pins no larger buffer), in the k x N layout they are computed in
+            c = packed.coeffs
+            assert c.untyped_storage().nbytes() == c.numel() * c.element_size()
+            assert c.T.is_contiguous()
     assert int(tracker.calls) == len(steps)
 
 

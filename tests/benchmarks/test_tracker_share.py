@@ -5,6 +5,7 @@ mode, one measured step). Step times on a shared box are not checked, only their
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -90,3 +91,20 @@ def test_probe_records_compress_shapes():
         assert probe.shapes == [(200, 16, packed.basis.shape[1])]
     cost = tracker_share.ideal_seconds([(200, 16, 3)] * 2, reps=2)
     assert list(cost) == [(200, 16, 3)] and cost[(200, 16, 3)] > 0
+
+
+@pytest.mark.parametrize("slow", ["matmul", "skinny"])
+def test_ideal_is_the_faster_layout_of_the_projection(monkeypatch, slow):
+    # each layout is timed and the faster kept: slowing one down must not move the ideal
+    def slowed(fn):
+        def run(a, b):
+            time.sleep(0.01)
+            return fn(a, b)
+        return run
+
+    if slow == "matmul":
+        monkeypatch.setattr(tracker_share.torch, "matmul", slowed(torch.matmul))
+    else:
+        monkeypatch.setattr(tracker_share, "skinny", slowed(tracker_share.skinny))
+    cost = tracker_share.ideal_seconds([(64, 16, 3)], reps=3)[(64, 16, 3)]
+    assert 0 < cost < 0.005
