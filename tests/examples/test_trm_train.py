@@ -78,13 +78,16 @@ def test_laser_at_energy_one_trains_like_the_uncompressed_arm() -> None:
                                rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_training_loop_matches_eager_at_energy_one() -> None:
-    # --compile: each arm's training forward under torch.compile (the laser arm's block calls
-    # traced: laser_fx::pack / rerun), in the example's own loop (ACT carries, AdamW, EMA)
+@pytest.mark.parametrize("mode", [None, "linear"])
+def test_compiled_training_loop_matches_eager_at_energy_one(mode) -> None:
+    # --compile: each arm's training forward under torch.compile, in the example's own loop
+    # (ACT carries, AdamW, EMA). The default traces each block call (laser_fx::pack / rerun);
+    # linear mode each linear op of the block (laser_fx::pack_linear: no re-run)
     from laser_fx.ops import _compiled
 
     torch._dynamo.reset()
-    kw = dict(seeds=[0], arms=["baseline", "laser"], energy=1.0, ema_decay=0.0, steps=3)
+    kw = dict(seeds=[0], arms=["baseline", "laser"], energy=1.0, ema_decay=0.0, steps=3,
+              mode=mode)
     first_token = next(_compiled.TOKENS)
     compiled = train.run(_args(compile="aot_eager", **kw), log=lambda s: None)
     traced_calls = next(_compiled.TOKENS) - first_token - 1
@@ -93,8 +96,11 @@ def test_compiled_training_loop_matches_eager_at_energy_one() -> None:
     (c,), (e,) = compiled["runs"], eager["runs"]
     for arm in ("baseline", "laser"):
         assert c["arms"][arm]["losses"] == pytest.approx(e["arms"][arm]["losses"], rel=1e-4)
-    # every grad-enabled block call (n + 1 per training step) went through laser_fx::pack
-    assert traced_calls == 3 * (TINY["n"] + 1), traced_calls
+    # every grad-enabled block call (n + 1 per training step) went through the traced ops:
+    # once, or once per linear op (a block's mixer and SwiGLU apply two weights each)
+    per_call = 1 if mode is None else 4 * TRMConfig.num_blocks
+    assert traced_calls == 3 * (TINY["n"] + 1) * per_call, traced_calls
+    assert {s["mechanism"] for s in c["laser_report"]["sites"]} == {mode or "checkpoint"}
 
 
 def test_summary_shows_three_arms_both_settings_and_what_laser_stored(three_arms: dict) -> None:
