@@ -16,7 +16,12 @@ gradients to the eager uncompressed model's (same weights and batch, no optimize
 - Own compiled code: dynamo keys compiled code by code object (TRM's ``forward``); its guards
   tell neither deep copies nor the functorch budget apart (a budget configuration would run
   the uncompressed graphs), so each compiled configuration compiles an entry function with its
-  own code object that calls the model (dynamo inlines the call).
+  own code object that calls the model (dynamo inlines the call). Dynamo also marks a code
+  object it gives up on (a graph break inside a loop: region mode's opaque block calls in
+  TRM's recursion) to be skipped from then on, for every caller, existing compiled code
+  included: one region configuration made every later TRM configuration run its recursion
+  eagerly. So each configuration's model classes are subclasses holding fresh copies of the
+  classes' functions (`own_code`): their frames are their own.
 - Cold compile: ``torch._dynamo.reset()``, inductor's in-memory caches cleared and an inductor
   cache directory of its own before each configuration's first step; each recompiles once in
   the first warm-up round, from that cache (``rewarm_s``); graphs compiled in timed steps are
@@ -52,6 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,7 +82,8 @@ from benchmarks._common import (  # noqa: E402
     trm_workload,
 )
 
-__all__ = ["COLUMNS", "CONFIGS", "compiled_share", "main", "markdown_table", "profiled_memory"]
+__all__ = ["COLUMNS", "CONFIGS", "compiled_share", "main", "markdown_table", "own_code",
+           "profiled_memory"]
 
 #: key -> (label, compiled, activation_memory_budget, laser mode or None)
 CONFIGS: dict[str, tuple[str, bool, float | None, str | None]] = {
@@ -116,10 +123,42 @@ class _Config:
             yield
 
 
+def own_code(model: nn.Module) -> nn.Module:
+    """``model`` with each of its modules of a class of yours (not torch's or laser_fx's)
+    moved to a subclass holding fresh copies of the class's functions (new code objects, same
+    behaviour), so that dynamo's per-code-object state (compiled entries, "skip this frame"
+    marks) is this model's alone. One subclass per class; returns ``model``."""
+    clones: dict[type, type] = {}
+
+    def yours(cls: type) -> bool:
+        return cls.__module__.split(".")[0] not in ("torch", "laser_fx", "builtins")
+
+    for module in model.modules():
+        cls = type(module)
+        if not yours(cls):
+            continue
+        if cls not in clones:
+            fresh: dict[str, Any] = {}
+            for klass in cls.__mro__:
+                if not yours(klass):
+                    continue
+                for name, fn in vars(klass).items():
+                    if isinstance(fn, types.FunctionType) and name not in fresh:
+                        copy_ = types.FunctionType(fn.__code__.replace(), fn.__globals__, name,
+                                                   fn.__defaults__, fn.__closure__)
+                        copy_.__kwdefaults__ = fn.__kwdefaults__
+                        copy_.__qualname__, copy_.__doc__ = fn.__qualname__, fn.__doc__
+                        fresh[name] = copy_
+            clones[cls] = type(cls.__name__, (cls,), {**fresh, "__module__": cls.__module__})
+        module.__class__ = clones[cls]
+    return model
+
+
 def _build(key: str, w: Workload, backend: str) -> nn.Module:
-    """A deep copy of ``w.model`` changed as configuration ``key`` says (not compiled)."""
+    """A deep copy of ``w.model`` (`own_code`) changed as configuration ``key`` says (not
+    compiled)."""
     _, compiled, _, mode = CONFIGS[key]
-    model = copy.deepcopy(w.model)
+    model = own_code(copy.deepcopy(w.model))
     if key == "ckpt":
         return _torch_checkpointed(model, w.shared_path)
     kw = {"compile_backend": backend} if compiled else {}

@@ -5,6 +5,7 @@ step), and its memory method (profiler allocation events) against
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -89,3 +90,76 @@ def test_profiled_memory_equals_the_dispatch_count_on_eager_models(batch, width,
     c = compiled._Config("eager", model, model, None)
     after, peak = compiled.profiled_memory(w, c)
     assert abs(after - ref.after_forward) <= 16 and abs(peak - ref.peak) <= 16, (after, peak, ref)
+
+
+class _Loop(nn.Module):
+    """A loop over a linear layer; ``brk``: a graph break inside the loop (as region mode's
+    opaque block calls inside TRM's recursion), which makes dynamo skip the frame."""
+
+    def __init__(self, brk: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.brk = brk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = self.lin(x)
+            if self.brk:
+                torch._dynamo.graph_break()
+        return x
+
+
+def _linear_frames(call, x) -> int:
+    """Python frames of ``nn.Linear.forward`` one call runs: 0 when dynamo compiled the loop
+    into one graph (the layer inlined), 3 when it skipped the loop's frame."""
+    import sys
+
+    seen = [0]
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is nn.Linear.forward.__code__:
+            seen[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        call(x)
+    finally:
+        sys.setprofile(None)
+    return seen[0]
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_own_code_keeps_another_models_skipped_frames_away(fresh_dynamo, isolated):
+    x = torch.randn(2, 4)
+    keep, breaker = _Loop(brk=False), _Loop(brk=True)
+    if isolated:
+        compiled.own_code(keep), compiled.own_code(breaker)
+    run_keep = torch.compile(keep, backend="eager")
+    run_keep(x)
+    assert _linear_frames(run_keep, x) == 0  # compiled whole
+    torch.compile(breaker, backend="eager")(x)  # dynamo gives up on its loop's frame
+    # without own_code the mark lands on the shared code object, and the first model, whose
+    # compiled code is intact, runs its loop eagerly from then on
+    assert _linear_frames(run_keep, x) == (0 if isolated else 3)
+    torch.testing.assert_close(run_keep(x), keep.lin(keep.lin(keep.lin(x))))
+
+
+def test_own_code_changes_code_objects_not_behaviour():
+    from examples.trm.model import TRM, TRMConfig
+
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=6, seq_len=8, hidden_size=16, num_heads=2, n=2, T=2))
+    ref = copy.deepcopy(model)
+    compiled.own_code(model)
+    for (name, mod), (_, orig) in zip(model.named_modules(), ref.named_modules(), strict=True):
+        assert isinstance(mod, type(orig)), name
+        if type(orig).__module__.startswith("examples"):
+            assert type(mod) is not type(orig) and type(mod).__name__ == type(orig).__name__
+            assert type(mod).forward.__code__ is not type(orig).forward.__code__, name
+        else:  # torch's own modules stay as they are
+            assert type(mod) is type(orig), name
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    tokens = torch.randint(0, 6, (2, 8))
+    y, z = ref.initial_carry(2)
+    for a, b in zip(model(tokens, y, z), ref(tokens, y, z), strict=True):
+        assert torch.equal(a, b)
