@@ -21,7 +21,7 @@ gradients to the eager uncompressed model's (same weights and batch, no optimize
   TRM's recursion) to be skipped from then on, for every caller, existing compiled code
   included: one region configuration made every later TRM configuration run its recursion
   eagerly. So each configuration's model classes are subclasses holding fresh copies of the
-  classes' functions (`own_code`): their frames are their own.
+  classes' functions (`benchmarks/_own_code.py`): their frames are their own.
 - Cold compile: ``torch._dynamo.reset()``, inductor's in-memory caches cleared and an inductor
   cache directory of its own before each configuration's first step; each recompiles once in
   the first warm-up round, from that cache (``rewarm_s``); graphs compiled in timed steps are
@@ -57,7 +57,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,9 +80,9 @@ from benchmarks._common import (  # noqa: E402
     machine,
     trm_workload,
 )
+from benchmarks._own_code import entry, own_code  # noqa: E402
 
-__all__ = ["COLUMNS", "CONFIGS", "compiled_share", "main", "markdown_table", "own_code",
-           "profiled_memory"]
+__all__ = ["COLUMNS", "CONFIGS", "compiled_share", "main", "markdown_table", "profiled_memory"]
 
 #: key -> (label, compiled, activation_memory_budget, laser mode or None)
 CONFIGS: dict[str, tuple[str, bool, float | None, str | None]] = {
@@ -123,37 +122,6 @@ class _Config:
             yield
 
 
-def own_code(model: nn.Module) -> nn.Module:
-    """``model`` with each of its modules of a class of yours (not torch's or laser_fx's)
-    moved to a subclass holding fresh copies of the class's functions (new code objects, same
-    behaviour), so that dynamo's per-code-object state (compiled entries, "skip this frame"
-    marks) is this model's alone. One subclass per class; returns ``model``."""
-    clones: dict[type, type] = {}
-
-    def yours(cls: type) -> bool:
-        return cls.__module__.split(".")[0] not in ("torch", "laser_fx", "builtins")
-
-    for module in model.modules():
-        cls = type(module)
-        if not yours(cls):
-            continue
-        if cls not in clones:
-            fresh: dict[str, Any] = {}
-            for klass in cls.__mro__:
-                if not yours(klass):
-                    continue
-                for name, fn in vars(klass).items():
-                    if isinstance(fn, types.FunctionType) and name not in fresh:
-                        copy_ = types.FunctionType(fn.__code__.replace(), fn.__globals__, name,
-                                                   fn.__defaults__, fn.__closure__)
-                        copy_.__kwdefaults__ = fn.__kwdefaults__
-                        copy_.__qualname__, copy_.__doc__ = fn.__qualname__, fn.__doc__
-                        fresh[name] = copy_
-            clones[cls] = type(cls.__name__, (cls,), {**fresh, "__module__": cls.__module__})
-        module.__class__ = clones[cls]
-    return model
-
-
 def _build(key: str, w: Workload, backend: str) -> nn.Module:
     """A deep copy of ``w.model`` (`own_code`) changed as configuration ``key`` says (not
     compiled)."""
@@ -163,15 +131,6 @@ def _build(key: str, w: Workload, backend: str) -> nn.Module:
         return _torch_checkpointed(model, w.shared_path)
     kw = {"compile_backend": backend} if compiled else {}
     return model if mode is None else w.compress(model, laser_fx.LaserConfig(mode=mode, **kw))
-
-
-def _entry(module: nn.Module, key: str) -> Callable[..., Any]:
-    """``module``'s call through a function whose code object is its own (see Methods)."""
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return module(*args, **kwargs)
-
-    run.__code__ = run.__code__.replace(co_name="run_" + key.replace(".", "_").replace("-", "_"))
-    return run
 
 
 def _params(module: nn.Module) -> list[nn.Parameter]:
@@ -261,7 +220,7 @@ def _cold(w: Workload, key: str, a: argparse.Namespace, root: str) -> _Config:
     t0 = time.perf_counter()
     module = _build(key, w, a.backend)
     compress_s = time.perf_counter() - t0
-    call = torch.compile(_entry(module, key), backend=a.backend) if compiled else module
+    call = torch.compile(entry(module, key), backend=a.backend) if compiled else module
     c = _Config(key, module, call, tempfile.mkdtemp(prefix=key, dir=root) if compiled else None)
     graphs = (stats := torch._dynamo.utils.counters["stats"])["unique_graphs"]
     with c.active():

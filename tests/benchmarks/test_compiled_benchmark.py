@@ -17,6 +17,7 @@ from torch import nn
 import laser_fx
 from benchmarks import compiled
 from benchmarks._common import Workload
+from benchmarks._own_code import own_code
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_own_code_keeps_another_models_skipped_frames_away(fresh_dynamo, isolate
     x = torch.randn(2, 4)
     keep, breaker = _Loop(brk=False), _Loop(brk=True)
     if isolated:
-        compiled.own_code(keep), compiled.own_code(breaker)
+        own_code(keep), own_code(breaker)
     run_keep = torch.compile(keep, backend="eager")
     run_keep(x)
     assert _linear_frames(run_keep, x) == 0  # compiled whole
@@ -150,7 +151,7 @@ def test_own_code_changes_code_objects_not_behaviour():
     torch.manual_seed(0)
     model = TRM(TRMConfig(vocab_size=6, seq_len=8, hidden_size=16, num_heads=2, n=2, T=2))
     ref = copy.deepcopy(model)
-    compiled.own_code(model)
+    own_code(model)
     for (name, mod), (_, orig) in zip(model.named_modules(), ref.named_modules(), strict=True):
         assert isinstance(mod, type(orig)), name
         if type(orig).__module__.startswith("examples"):
