@@ -101,7 +101,12 @@ def test_dropout_blocks_trace_and_the_rerun_replays_their_masks(energy, backend)
         g_c, g_ref = _grads(comp), _grads(model)
         torch.testing.assert_close(outs[-2], outs[-1], rtol=1e-5, atol=1e-5)  # exact forward
         if energy == 1.0:
-            torch.testing.assert_close(g_c, g_ref, rtol=1e-5, atol=1e-6)
+            # inductor's fused kernels sum in other orders than eager: its own rounding
+            # (up to 1.4e-6 absolute, 1.2e-4 relative on small entries here), far below a
+            # mask that is not replayed (O(1) differences)
+            tol = (dict(rtol=1e-4, atol=1e-5) if backend == "inductor"
+                   else dict(rtol=1e-5, atol=1e-6))
+            torch.testing.assert_close(g_c, g_ref, **tol)
         else:
             assert float(F.cosine_similarity(g_c, g_ref, dim=0)) > 0.99
     wrapper = next(m for m in comp.modules() if isinstance(m, SiteWrapper))
