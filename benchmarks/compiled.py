@@ -21,7 +21,7 @@ gradients to the eager uncompressed model's (same weights and batch, no optimize
   TRM's recursion) to be skipped from then on, for every caller, existing compiled code
   included: one region configuration made every later TRM configuration run its recursion
   eagerly. So each configuration's model classes are subclasses holding fresh copies of the
-  classes' functions (`benchmarks/_own_code.py`): their frames are their own.
+  classes' functions (`laser_fx.testing.own_code`): their frames are their own.
 - Cold compile: ``torch._dynamo.reset()``, inductor's in-memory caches cleared and an inductor
   cache directory of its own before each configuration's first step; each recompiles once in
   the first warm-up round, from that cache (``rewarm_s``); graphs compiled in timed steps are
@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import laser_fx
+from laser_fx.testing import entry, own_code
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -80,7 +81,6 @@ from benchmarks._common import (  # noqa: E402
     machine,
     trm_workload,
 )
-from benchmarks._own_code import entry, own_code  # noqa: E402
 
 __all__ = ["COLUMNS", "CONFIGS", "compiled_share", "main", "markdown_table", "profiled_memory"]
 

@@ -62,6 +62,7 @@ from examples.trm.data import iterate_batches, make_dataset, seq_len, vocab_size
 from examples.trm.model import TRM, TRMConfig
 from examples.trm.summary import ratios, summarize, write_results
 from examples.trm.training import EMA, DeepSupervision, evaluate, trm_loss
+from laser_fx.testing import own_code
 
 __all__ = ["ARMS", "QUICK", "TorchCheckpoint", "build_parser", "main", "options", "run",
            "summarize", "torch_checkpointed"]
@@ -264,8 +265,10 @@ class _Arm:
     def __init__(self, name: str, model: TRM, args, seed: int, data, ema: bool = True):
         self.name, self.model = name, model
         backend = getattr(args, "compile", None)
-        # the training forward, compiled as the reference pretrain.py does (eval stays eager)
-        self.forward = torch.compile(model, backend=backend) if backend else model
+        # the training forward, compiled as the reference pretrain.py does (eval stays eager);
+        # each arm's classes get their own code objects (own_code): a region-mode arm's graph
+        # breaks in the recursion loop would make dynamo run every arm's loop eagerly
+        self.forward = torch.compile(own_code(model), backend=backend) if backend else model
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
         )

@@ -1,7 +1,9 @@
-"""Test helpers shipped with laser_fx: a zoo of small looped (and negative-case) models."""
+"""Test helpers shipped with laser_fx: a zoo of small looped (and negative-case) models, and
+`own_code` / `entry` for comparing compiled variants of one model in one process."""
 
 from __future__ import annotations
 
+from .isolation import entry, own_code
 from .zoo import (
     NEGATIVE,
     TRACEABLE,
@@ -30,6 +32,8 @@ __all__ = [
     "RecursiveConvRefiner",
     "TRMLike",
     "UnrolledRNN",
+    "entry",
     "make_inputs",
+    "own_code",
     "swiglu_hidden",
 ]

@@ -17,7 +17,7 @@ from torch import nn
 import laser_fx
 from benchmarks import compiled
 from benchmarks._common import Workload
-from benchmarks._own_code import own_code
+from laser_fx.testing import own_code
 
 
 @pytest.fixture(scope="module")

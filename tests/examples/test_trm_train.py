@@ -347,3 +347,26 @@ def test_experiment_options_become_part_of_each_runs_key(tmp_path) -> None:
     report = (tmp_path / "trm.md").read_text()
     assert '"grad_cycles": 2' in report and '"target_cosine": 0.9995' in report
     assert "recalibrate_every" not in report  # an option not given stays out of the key
+
+
+def test_compiled_arms_run_their_own_code() -> None:
+    # --compile: each arm's model classes get their own code objects, so dynamo's marks on
+    # one arm's frames (a region-mode arm's graph breaks in the recursion loop) stay its own
+    defaults = vars(train.build_parser().parse_args([]))
+
+    def full_args(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{**defaults, **TINY, "ema_decay": 0.0, **kw})
+
+    args = full_args(compile="aot_eager")
+    data = (torch.zeros(TINY["batch"], 16, dtype=torch.long),
+            torch.zeros(TINY["batch"], 16, dtype=torch.long))
+    cfg = TRMConfig(vocab_size=6, seq_len=16, hidden_size=TINY["d"], num_heads=TINY["heads"],
+                    n=TINY["n"], T=TINY["T"], mixer=TINY["mixer"])
+    a, b = (train._Arm(name, TRM(cfg), args, 0, data) for name in ("baseline", "checkpoint"))
+    for module_a, module_b in zip(a.model.modules(), b.model.modules(), strict=True):
+        if type(module_a).__module__.startswith("examples"):
+            assert type(module_a) is not type(module_b)
+            assert type(module_a).forward.__code__ is not type(module_b).forward.__code__
+            assert isinstance(module_a, type(module_b).__mro__[1])  # still the user's class
+    eager = train._Arm("baseline", TRM(cfg), full_args(), 0, data)
+    assert type(eager.model) is TRM  # without --compile nothing changes

@@ -1,6 +1,11 @@
-"""Each benchmark configuration's own dynamo state: an entry function and model classes whose
-code objects are theirs alone (dynamo keys compiled code, and its "skip this frame" marks, by
-code object)."""
+"""A model's own dynamo state, for comparing compiled variants of one model in one process.
+
+Dynamo keys compiled code, and its "skip this frame" marks, by code object: deep copies of one
+model share theirs. A variant that graph-breaks inside a loop (laser_fx region mode in TRM's
+recursion) makes dynamo skip that loop's function for every copy, compiled ones included, so
+the others run their loop eagerly. `own_code` gives a model's classes fresh code objects;
+`entry` gives a compiled call its own top-level code object.
+"""
 
 from __future__ import annotations
 
