@@ -10,7 +10,10 @@ uncompressed, laser_fx default); ``unc`` (``torch.compile(model)``); ``ckpt`` (t
 compile_backend=backend))``). Measured: first step (forward + backward, cold compile); step
 time (median [IQR] of ``--steps`` steps after ``--warmup`` rounds, interleaved, order
 alternating); after-forward and peak memory; cosine of the first measured step's parameter
-gradients to the eager uncompressed model's (same weights and batch, no optimizer step);
+gradients to the eager uncompressed model's (same weights and batch, no optimizer step).
+The weights stay at their random init unless ``--lr`` asks for an AdamW step after every
+step (not timed; the weights then move as in training and the trackers see what they see
+in training; the cosine is then the cold first step's);
 ``--explain``: `torch._dynamo.explain` of a fresh copy; the compiled share of a step. Methods:
 
 - Own compiled code: dynamo keys compiled code by code object (TRM's ``forward``); its guards
@@ -111,6 +114,12 @@ class _Config:
     call: Callable[..., Any]
     cache_dir: str | None
     row: dict[str, Any] = field(default_factory=dict)
+    opt: torch.optim.Optimizer | None = None  # with --lr: AdamW after each step (not timed)
+
+    def update(self) -> None:
+        """The optimizer step after a training step (``--lr``; nothing with weights fixed)."""
+        if self.opt is not None:
+            self.opt.step()
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -212,8 +221,9 @@ def _explain(w: Workload, key: str, backend: str) -> dict[str, Any]:
             "break_reasons": dict(reasons.most_common(8))}
 
 
-def _cold(w: Workload, key: str, a: argparse.Namespace, root: str) -> _Config:
-    """Build configuration ``key`` and run its first step cold (compile included)."""
+def _cold(w: Workload, key: str, a: argparse.Namespace, root: str, ref: Tensor) -> _Config:
+    """Build configuration ``key`` and run its first step cold (compile included); ``ref``:
+    the eager uncompressed model's gradients (the cosine's reference)."""
     compiled = CONFIGS[key][1]
     torch._dynamo.reset()
     torch._inductor.utils.clear_caches()
@@ -222,12 +232,17 @@ def _cold(w: Workload, key: str, a: argparse.Namespace, root: str) -> _Config:
     compress_s = time.perf_counter() - t0
     call = torch.compile(entry(module, key), backend=a.backend) if compiled else module
     c = _Config(key, module, call, tempfile.mkdtemp(prefix=key, dir=root) if compiled else None)
+    if a.lr > 0:
+        c.opt = torch.optim.AdamW(_params(module), lr=a.lr)
     graphs = (stats := torch._dynamo.utils.counters["stats"])["unique_graphs"]
     with c.active():
         t0 = time.perf_counter()
         _step(w, c)
         c.row.update(first_step_s=time.perf_counter() - t0, compress_s=compress_s,
                      graphs_compiled=stats["unique_graphs"] - graphs)
+        if a.lr > 0:  # the weights move from here on: compare while they are the reference's
+            c.row["grad_cosine"] = float(F.cosine_similarity(_flat_grads(module), ref, 0))
+        c.update()
         if a.explain and compiled:
             c.row.update(_explain(w, key, a.backend))
     return c
@@ -273,9 +288,12 @@ def _report(a: argparse.Namespace, records: list[dict[str, Any]]) -> str:
              "profiler's allocation events; compiled share: CompiledFunction(Backward) / "
              "CompiledFxGraph event time over a profiled step). Ratios of medians and bytes.\n"]
     for rec in records:
+        lr = rec.get("lr", 0.0)
         parts += [f"## {rec['workload']}\n",
                   f"backend {rec['backend']}, {rec['steps']} interleaved steps after "
-                  f"{rec['warmup']} warm-up rounds, {rec['elapsed_s']:.0f} s"
+                  f"{rec['warmup']} warm-up rounds, "
+                  + (f"AdamW lr {lr:g} after every step (not timed), " if lr else "weights fixed, ")
+                  + f"{rec['elapsed_s']:.0f} s"
                   + ("" if rec["complete"] else " so far (incomplete)") + "\n",
                   markdown_table(rec["rows"]) + "\n"]
         for r in rec["rows"]:
@@ -296,7 +314,8 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
     w = trm_workload(mixer="attn", d=d, n=a.n, T=a.T, batch=a.batch)
     t_start = time.perf_counter()
     rec: dict[str, Any] = {"workload": w.name, "d": d, "backend": a.backend, "steps": a.steps,
-                           "warmup": a.warmup, "machine": machine(), "command": a.command,
+                           "warmup": a.warmup, "lr": a.lr, "machine": machine(),
+                           "command": a.command,
                            "rows": [], "complete": False, "elapsed_s": 0.0}
     records.append(rec)
     w.loss(w.run(ref_model := copy.deepcopy(w.model))).backward()
@@ -317,7 +336,7 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
 
     for key in a.configs:  # cold phase: one configuration at a time
         try:
-            cfgs.append(_cold(w, key, a, root))
+            cfgs.append(_cold(w, key, a, root, ref))
         except Exception as e:  # noqa: BLE001 - a configuration that fails is a finding
             failed[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         save()
@@ -331,13 +350,14 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
                 t0 = time.perf_counter()
                 _step(w, c)
                 dt = time.perf_counter() - t0
+                c.update()
             if r == 0:
                 c.row["rewarm_s"] = dt  # earlier configurations recompile here (warm cache)
             if r >= a.warmup:
                 times[c.key].append(dt)
                 c.row["graphs_compiled_timed"] = (c.row.get("graphs_compiled_timed", 0)
                                                   + stats["unique_graphs"] - graphs)
-            if r == a.warmup:
+            if r == a.warmup and a.lr == 0:
                 c.row["grad_cosine"] = float(F.cosine_similarity(_flat_grads(c.module), ref, 0))
     for c in cfgs:  # memory and compiled share, saved per configuration
         c.row.update(_quantiles(times[c.key]))
@@ -365,6 +385,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--explain", action="store_true", help="torch._dynamo.explain (slow)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="AdamW learning rate between steps, not timed (0: weights fixed); the "
+                        "gradient cosine is then the cold first step's")
     p.add_argument("--out", default="", help="Markdown file (also writes .jsonl next to it)")
     a = p.parse_args(argv)
     if a.warmup < 1 or a.steps < 1:

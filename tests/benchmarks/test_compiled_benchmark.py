@@ -164,3 +164,24 @@ def test_own_code_changes_code_objects_not_behaviour():
     y, z = ref.initial_carry(2)
     for a, b in zip(model(tokens, y, z), ref(tokens, y, z), strict=True):
         assert torch.equal(a, b)
+
+
+def test_lr_steps_every_configuration_after_every_step_and_compares_the_first(
+        monkeypatch, tmp_path, fresh_dynamo):
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(id(self))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    out = tmp_path / "lr.md"
+    (rec,) = compiled.main(["--d", "16", "--n", "1", "--T", "1", "--batch", "2", "--steps", "2",
+                            "--warmup", "1", "--backend", "aot_eager", "--configs", "eager",
+                            "unc", "--lr", "0.1", "--out", str(out)])
+    # one optimizer per configuration, stepped after the cold step and every interleaved one
+    assert len(set(steps)) == 2 and len(steps) == 2 * (1 + 1 + 2)
+    assert rec["lr"] == 0.1 and "AdamW lr 0.1 after every step" in out.read_text()
+    for row in rec["rows"]:  # the cold step ran on the reference's weights
+        assert row["grad_cosine"] == pytest.approx(1.0, abs=1e-6), row
