@@ -21,8 +21,10 @@ projected with. How bases are built and refined: `laser_fx._basis`.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +65,26 @@ def _compact(t: Tensor, *, transposed: bool = False) -> Tensor:
         return t
     own = own.clone(memory_format=torch.contiguous_format)
     return own.T if transposed else own
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _no_autocast(method: _F) -> _F:
+    """Run a tracker method with autocast off on the tracker's device: a compress or
+    decompress called inside the user's ``torch.autocast`` region would otherwise project and
+    reconstruct in bf16/fp16 (records no longer keeping what the decision measured; energy
+    1.0 no longer lossless)."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        device = self.basis.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class _Pending:
@@ -178,6 +200,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
     # recompile it per width/rank until its limit, then run it eagerly anyway
     @torch.compiler.disable
     @torch.no_grad()
+    @_no_autocast
     def compress(self, x: Tensor, *, borrowed: bool = False) -> Packed:
         """Store ``x`` (any leading dims, last dim ``width``) in the tracked basis.
 
@@ -227,6 +250,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         return packed
 
     @torch.no_grad()
+    @_no_autocast
     def settle(self) -> None:
         """Take the decision about the last call now (normally taken at the next call).
 
@@ -261,6 +285,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             self.settle()
         return p
 
+    @_no_autocast
     def decompress(self, p: Packed) -> Tensor:
         """Reconstruction ``X̂ = C Qᵀ`` in the original shape and dtype (exact if dense).
 

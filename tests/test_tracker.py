@@ -120,6 +120,25 @@ def test_basis_stays_orthonormal_and_fidelity_in_unit_interval(width, n, config,
     assert int(tracker.calls) == len(steps)
 
 
+@given(WIDTH, ROWS, configs(), STEPS, SEED, st.sampled_from([torch.bfloat16, torch.float16]))
+def test_autocast_around_the_tracker_changes_nothing(width, n, config, steps, seed, dtype):
+    # a training forward under torch.autocast calls compress and decompress inside it: the
+    # tracker's projections, decisions and reconstructions stay fp32, bit for bit
+    plain, cast = SubspaceTracker(width, config), SubspaceTracker(width, config)
+    for i, (rank, scale, sub) in enumerate(steps):
+        x = activation(n, width, rank, scale, sub, seed + i)
+        a = put(plain, x)
+        with torch.autocast("cpu", dtype=dtype):
+            b = put(cast, x)
+            x_b = cast.decompress(b)
+        x_a = plain.decompress(a)
+        assert x_b.dtype == x.dtype and torch.equal(x_a, x_b)
+        assert torch.equal(plain.basis, cast.basis)
+        assert (a.coeffs is None) == (b.coeffs is None)
+        if a.coeffs is not None:
+            assert torch.equal(a.coeffs, b.coeffs)
+
+
 @given(WIDTH, ROWS, STEPS, SEED, st.floats(0.05, 0.99))
 def test_reset_happens_exactly_when_fidelity_falls_below_threshold(width, n, steps, seed, fid):
     tracker = SubspaceTracker(width, cfg(energy=1.0, fidelity=fid, power_iters=0))
