@@ -17,6 +17,7 @@ model's); their distribution is: each element kept with probability ``1 - p``, s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._compiled import call_op
 
-__all__ = ["SeededDropout", "attention", "dropout_mask", "replayable", "seed"]
+__all__ = ["SeededDropout", "attention", "dropout_mask", "replayable", "replaying", "seed"]
 
 #: the seed's range: exact in int64, and a generator accepts it
 _SEED_RANGE = 2**62
@@ -103,6 +104,12 @@ class SeededDropout(TorchFunctionMode):
         mask = dropout_mask(self.seed, self.index, x.detach(), p)
         self.index += 1
         return mask
+
+
+def replaying(seed: Tensor | None) -> Any:
+    """The context a re-run draws its forward's masks in: `SeededDropout` with the seed the
+    record kept, or nothing when the forward drew none."""
+    return contextlib.nullcontext() if seed is None else SeededDropout(seed=seed)
 
 
 def _dropout_args(input: Tensor, p: float = 0.5, training: bool = True,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dropout import SeededDropout
+from ._dropout import replaying
 from ._layout import layout_of, rebuild
 from ._param_grads import tensor_hooks_suspended
 from ._tensors import check_declared
@@ -59,7 +59,7 @@ def gradients(wrapper: Any, lay: int, present: Sequence[bool], inputs: Sequence[
     """The gradients of the ``inputs`` marked in ``needs`` and of the declared ``params``
     (not ``in_place``) from the block's outputs' ``grads`` (``present``: which items of the
     call's output have one); ``in_place``: the block's parameter gradients are added to
-    ``.grad`` instead; ``seed``: the forward's dropout seed (`SeededDropout`), if any."""
+    ``.grad`` instead; ``seed``: the forward's dropout seed (`laser_fx.ops._dropout`), if any."""
     joint = wrapper.__dict__.get("_joint")
     fast = in_place and wrapper.config.compile_backend is not None
     if fast and joint not in (None, False):
@@ -72,7 +72,7 @@ def gradients(wrapper: Any, lay: int, present: Sequence[bool], inputs: Sequence[
                 f"graph ({type(err).__name__}: {str(err).splitlines()[0][:160]}); it re-runs "
                 "the block and backpropagates instead (same gradients, a little slower).",
                 stacklevel=2)
-    with SeededDropout(seed=seed) if seed is not None else contextlib.nullcontext():
+    with replaying(seed):
         got = _autograd_gradients(wrapper, lay, present, inputs, needs, grads, params,
                                   in_place)
     if fast and joint is None:  # checked once (`check_declared`): later re-runs may fuse
@@ -117,7 +117,7 @@ def _vjp(block: Any, lay: int, present: tuple, mask: tuple, params: dict, diff: 
         it_d, it_r = iter(d), iter(rest)
         flat = [next(it_d) if m else next(it_r) for m in mask]
         args, kwargs = rebuild(layout_of(lay), iter(flat))
-        with SeededDropout(seed=seed) if seed is not None else contextlib.nullcontext():
+        with replaying(seed):
             out = torch.func.functional_call(block, p, args, kwargs)
         items = list(out) if isinstance(out, tuple) else [out]
         return tuple(o for o, has in zip(items, present, strict=True) if has)
