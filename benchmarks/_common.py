@@ -17,6 +17,8 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +38,10 @@ __all__ = [
     "Workload",
     "albert_workload",
     "build_arms",
+    "host_syncs",
     "machine",
     "measure_arms",
+    "sync_row",
     "sync",
     "trm_workload",
 ]
@@ -122,6 +126,37 @@ def sync(device: torch.device | str) -> None:
     """Wait for queued kernels, so that a clock read after it covers them."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+#: the text of torch's warning under ``torch.cuda.set_sync_debug_mode("warn")``
+_SYNC_WARNING = "synchronizing CUDA operation"
+
+
+@contextmanager
+def host_syncs(device: torch.device | str) -> Iterator[Counter[str]]:
+    """Count the operations inside that make the host wait for a CUDA device, by the Python
+    line that called each (``"file.py:123"``), under ``torch.cuda.set_sync_debug_mode("warn")``
+    (``.item()``, ``float()``, ``nonzero``, a copy to pageable host memory, ...; not a wait on
+    an event). Other warnings raised inside are re-issued. Counts nothing on a CPU.
+    """
+    found: Counter[str] = Counter()
+    if torch.device(device).type != "cuda":
+        yield found
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    for w in caught:
+        if _SYNC_WARNING in str(w.message):
+            parts = w.filename.replace("\\", "/").split("/")
+            found["/".join(parts[-2:]) + f":{w.lineno}"] += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def machine() -> str:
@@ -276,6 +311,13 @@ def _grads(w: Workload, arm: Arm) -> Tensor:
                       for p, g in zip(params, gs, strict=True)])
 
 
+def sync_row(found: Counter[str], steps: int) -> dict[str, Any]:
+    """``host_syncs_per_step`` and the ``host_sync_sources`` (most frequent first, per step)
+    of `host_syncs` counts gathered over ``steps`` steps."""
+    return {"host_syncs_per_step": sum(found.values()) / steps,
+            "host_sync_sources": {k: n / steps for k, n in found.most_common(6)}}
+
+
 def _quantiles(ts: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
     return {"step_ms": 1e3 * statistics.median(ts), "q25_ms": 1e3 * q[0], "q75_ms": 1e3 * q[2],
@@ -297,14 +339,17 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
         One dict per arm; ratios are to the first arm.
     """
     times: dict[str, list[float]] = {a.name: [] for a in arms}
+    syncs: dict[str, Counter[str]] = {a.name: Counter() for a in arms}
     for r in range(reps + 1 if reps else 0):
         for arm in arms if r % 2 == 0 else arms[::-1]:
             sync(device)
             t0 = time.perf_counter()
-            _step(w, arm)
+            with host_syncs(device) as found:
+                _step(w, arm)
             sync(device)
             if r:  # round 0 warms caches and the trackers' bases
                 times[arm.name].append(time.perf_counter() - t0)
+                syncs[arm.name].update(found)
     ref = _grads(w, arms[0])
     rows: list[dict[str, Any]] = []
     for arm in arms:
@@ -322,6 +367,8 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
             row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base_alloc
         if times[arm.name]:
             row.update(_quantiles(times[arm.name]))
+            if device.startswith("cuda"):
+                row.update(sync_row(syncs[arm.name], len(times[arm.name])))
         if arm.laser and tracker_reps:
             shares = []
             for _ in range(tracker_reps):

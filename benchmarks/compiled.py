@@ -32,6 +32,9 @@ in training; the cosine is then the cold first step's);
 - Memory: `laser_fx.measure_activation_memory` would measure the eager model (dynamo skips
   frames while a TorchDispatchMode is active); the profiler's allocation events count every
   CPU allocation: bytes allocated in the step and alive after forward and loss; their maximum.
+  With ``--device cuda``: the caching allocator's allocated bytes (`cuda_memory`), and the
+  host synchronisations of the timed steps, counted by ``torch.cuda.set_sync_debug_mode``
+  ("warn") by calling line (`benchmarks._common.host_syncs`).
 - Compiled share: the union of the intervals of the profiler events ``CompiledFunction``,
   ``CompiledFunctionBackward`` (AOT forward / backward) and ``## Call CompiledFxGraph``
   (inductor) over the wall time of one profiled step (dynamo's ``Torch-Compiled Region`` also
@@ -81,11 +84,15 @@ from benchmarks._common import (  # noqa: E402
     Workload,
     _quantiles,
     _torch_checkpointed,
+    host_syncs,
     machine,
+    sync,
+    sync_row,
     trm_workload,
 )
 
-__all__ = ["COLUMNS", "CONFIGS", "compiled_share", "main", "markdown_table", "profiled_memory"]
+__all__ = ["COLUMNS", "CONFIGS", "compiled_share", "cuda_memory", "main", "markdown_table",
+           "profiled_memory"]
 
 #: key -> (label, compiled, activation_memory_budget, laser mode or None)
 CONFIGS: dict[str, tuple[str, bool, float | None, str | None]] = {
@@ -195,6 +202,24 @@ def profiled_memory(w: Workload, c: _Config) -> tuple[int, int]:
     return (now if after is None else after), peak
 
 
+def cuda_memory(w: Workload, c: _Config) -> tuple[int, int]:
+    """``(after_forward, peak)`` bytes of one step on a CUDA device: the caching allocator's
+    allocated bytes after forward and loss, and its maximum over the step, less what was
+    allocated before."""
+    for p in _params(c.module):
+        p.grad = None
+    gc.collect()
+    sync(w.target.device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = w.loss(w.run(c.call))
+    after = torch.cuda.memory_allocated() - base
+    loss.backward()
+    del loss
+    sync(w.target.device)
+    return after, torch.cuda.max_memory_allocated() - base
+
+
 def compiled_share(w: Workload, c: _Config) -> float:
     """Share of one step's wall time spent in compiled graphs (`COMPILED_EVENTS`)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -236,8 +261,10 @@ def _cold(w: Workload, key: str, a: argparse.Namespace, root: str, ref: Tensor) 
         c.opt = torch.optim.AdamW(_params(module), lr=a.lr)
     graphs = (stats := torch._dynamo.utils.counters["stats"])["unique_graphs"]
     with c.active():
+        sync(a.device)
         t0 = time.perf_counter()
         _step(w, c)
+        sync(a.device)
         c.row.update(first_step_s=time.perf_counter() - t0, compress_s=compress_s,
                      graphs_compiled=stats["unique_graphs"] - graphs)
         if a.lr > 0:  # the weights move from here on: compare while they are the reference's
@@ -263,7 +290,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     def f(r: dict[str, Any], k: str, fmt: str, scale: float = 1.0, unit: str = "") -> str:
         return format(r[k] * scale, fmt) + unit if r.get(k) is not None else "-"
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    syncs = any("host_syncs_per_step" in r for r in rows)  # measured on CUDA devices
+    columns = (*COLUMNS, "host syncs / step") if syncs else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         first = f(r, "first_step_s", ".1f") + (f" ({r['first_step_s_x_unc']:.2f}x)"
                                                if "first_step_s_x_unc" in r else "")
@@ -277,6 +306,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         cells = [r["label"], first, step, *ratios[:2], f(r, "after_forward_bytes", ".2f", 1 / MIB),
                  ratios[2], f(r, "peak_bytes", ".2f", 1 / MIB), *ratios[3:],
                  f(r, "grad_cosine", ".6f"), breaks, f(r, "compiled_share", ".1%")]
+        if syncs:
+            cells.append(f(r, "host_syncs_per_step", ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -303,6 +334,9 @@ def _report(a: argparse.Namespace, records: list[dict[str, Any]]) -> str:
             if r.get("break_reasons"):
                 why = "; ".join(f"{n}x {k}" for k, n in r["break_reasons"].items())
                 parts.append(f"- {r['label']}: graph breaks: {why}")
+            if r.get("host_sync_sources"):
+                where = ", ".join(f"{k} ({n:.1f})" for k, n in r["host_sync_sources"].items())
+                parts.append(f"- {r['label']}: host syncs per step from {where}")
             if r.get("error"):
                 parts.append(f"- {r['label']}: FAILED: {r['error']}")
         parts.append("")
@@ -312,6 +346,7 @@ def _report(a: argparse.Namespace, records: list[dict[str, Any]]) -> str:
 def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], root: str
                ) -> dict[str, Any]:
     w = trm_workload(mixer="attn", d=d, n=a.n, T=a.T, batch=a.batch)
+    w.to(a.device)
     t_start = time.perf_counter()
     rec: dict[str, Any] = {"workload": w.name, "d": d, "backend": a.backend, "steps": a.steps,
                            "warmup": a.warmup, "lr": a.lr, "machine": machine(),
@@ -335,6 +370,9 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
             out.write_text(_report(a, records))
 
     for key in a.configs:  # cold phase: one configuration at a time
+        if a.max_cold_s and time.perf_counter() - t_start > a.max_cold_s:
+            failed[key] = f"not run: the cold phase passed --max-cold-s {a.max_cold_s:g}"
+            continue
         try:
             cfgs.append(_cold(w, key, a, root, ref))
         except Exception as e:  # noqa: BLE001 - a configuration that fails is a finding
@@ -342,19 +380,24 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
         save()
         print(f"D={d} {key}: first step ({time.perf_counter() - t_start:.0f} s)", flush=True)
     times: dict[str, list[float]] = {c.key: [] for c in cfgs}
+    syncs: dict[str, Counter[str]] = {c.key: Counter() for c in cfgs}
     stats = torch._dynamo.utils.counters["stats"]
     for r in range(a.warmup + a.steps):  # interleaved phase
         for c in cfgs if r % 2 == 0 else cfgs[::-1]:
             graphs = stats["unique_graphs"]
             with c.active():
+                sync(a.device)
                 t0 = time.perf_counter()
-                _step(w, c)
+                with host_syncs(a.device) as found:
+                    _step(w, c)
+                sync(a.device)
                 dt = time.perf_counter() - t0
                 c.update()
             if r == 0:
                 c.row["rewarm_s"] = dt  # earlier configurations recompile here (warm cache)
             if r >= a.warmup:
                 times[c.key].append(dt)
+                syncs[c.key].update(found)
                 c.row["graphs_compiled_timed"] = (c.row.get("graphs_compiled_timed", 0)
                                                   + stats["unique_graphs"] - graphs)
             if r == a.warmup and a.lr == 0:
@@ -364,8 +407,11 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
         if len(times[c.key]) >= 2:  # inclusive quartiles: never outside the measured range
             q = statistics.quantiles(times[c.key], n=4, method="inclusive")
             c.row.update(q25_ms=1e3 * q[0], q75_ms=1e3 * q[2])
+        if a.device.startswith("cuda"):
+            c.row.update(sync_row(syncs[c.key], len(times[c.key])))
         with c.active():
-            c.row["after_forward_bytes"], c.row["peak_bytes"] = profiled_memory(w, c)
+            measure = cuda_memory if a.device.startswith("cuda") else profiled_memory
+            c.row["after_forward_bytes"], c.row["peak_bytes"] = measure(w, c)
             c.row["compiled_share"] = compiled_share(w, c)
         save()
         print(f"D={d} {c.key}: measured ({time.perf_counter() - t_start:.0f} s)", flush=True)
@@ -385,6 +431,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--explain", action="store_true", help="torch._dynamo.explain (slow)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: allocator memory, "
+                   "host synchronisations counted in the timed steps)")
+    p.add_argument("--max-cold-s", type=float, default=0.0,
+                   help="build no further configuration once the cold phase has taken this "
+                        "long (0: no limit); the ones built are still timed")
     p.add_argument("--lr", type=float, default=0.0,
                    help="AdamW learning rate between steps, not timed (0: weights fixed); the "
                         "gradient cosine is then the cold first step's")
@@ -406,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     root = tempfile.mkdtemp(prefix="laser_fx_compiled_")
     try:  # the backend's one-time costs (imports, compile workers) before any configuration
         with mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(dir=root)}):
-            x = torch.ones(2, requires_grad=True)
+            x = torch.ones(2, requires_grad=True, device=a.device)
             torch.compile(lambda t: t.sin().sum(), backend=a.backend)(x).backward()
         for d in a.d:
             rec = _run_width(d, a, records, root)

@@ -5,7 +5,9 @@ configuration is measured in one run, its timed steps interleaved with the other
 ``torch.utils.checkpoint`` (non-reentrant) around each recursion step; LASER ``mode="linear"``,
 ``"region"`` and ``"auto"`` (the default: a compressed checkpoint of each shared-block call, i.e.
 LASER combined with checkpointing, only compressed checkpoints kept); and LASER linear applied to
-the torch-checkpointed model. Each arm but the uncompressed one is a deep copy of the model
+the torch-checkpointed model. On a CUDA device (``--device cuda``) each arm's timed steps
+also count the operations that make the host wait for the device (``host syncs / step``, by
+calling line: `benchmarks._common.host_syncs`). Each arm but the uncompressed one is a deep copy of the model
 (same weights); a LASER arm is that copy compressed in place. Prints one markdown table per model, appends JSON lines to
 ``--out`` as each model finishes, and plots the frontier. About 5 minutes on 2 CPU cores:
 
@@ -69,8 +71,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One row per configuration: memory, peak, step time (median [IQR]), cosine, tracker."""
     mib = 2.0**20
     ckpt = next(r for r in rows if r["arm"] == "torch checkpoint")
+    syncs = any("host_syncs_per_step" in r for r in rows)  # measured on CUDA devices
     lines = ["| configuration | act. memory | peak | step time, median [IQR] | time ratio "
-             "| grad cosine | tracker share | goals |", "|---|---|---|---|---|---|---|---|"]
+             "| grad cosine | tracker share | goals |" + (" host syncs / step |" if syncs else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if syncs else "")]
     for r in rows:
         t = (f"{r['step_ms']:.0f} ms [{r['q25_ms']:.0f}-{r['q75_ms']:.0f}]"
              if "step_ms" in r else "-")
@@ -79,7 +83,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f" | {r['peak_ratio']:.3f}x ({r['peak_bytes'] / mib:.1f} MiB) | {t} | "
             f"{r.get('time_ratio', float('nan')):.2f}x | {r['grad_cosine']:.5f} | "
             + (f"{100 * r['tracker_share']:.1f}%" if "tracker_share" in r else "-")
-            + f" | {goal_marks(r, ckpt) if r['arm'] == AUTO else ''} |")
+            + f" | {goal_marks(r, ckpt) if r['arm'] == AUTO else ''} |"
+            + (f" {r['host_syncs_per_step']:.1f} |" if "host_syncs_per_step" in r else
+               " - |" if syncs else ""))
+    for r in rows:
+        if r.get("host_sync_sources"):
+            where = ", ".join(f"{k} ({n:.1f})" for k, n in r["host_sync_sources"].items())
+            lines.append(f"\n{r['arm']}: host syncs per step from {where}")
     return "\n".join(lines)
 
 

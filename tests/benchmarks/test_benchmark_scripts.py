@@ -151,3 +151,40 @@ def test_scaling_runs_every_point_and_fits_slopes(tmp_path):
                         res["slopes"][frontier.AUTO] / res["slopes"]["uncompressed"])
     assert png.stat().st_size > 0
     assert len(out.read_text().splitlines()) == 5  # 4 points + the slopes
+
+
+def test_host_syncs_counts_sync_warnings_by_line_and_reissues_the_others(monkeypatch):
+    # the CUDA path without a GPU: torch's sync-debug switch is stubbed, the warning that
+    # torch issues under set_sync_debug_mode("warn") is raised by hand
+    import warnings
+
+    from benchmarks import _common
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.warns(UserWarning, match="unrelated"):
+        with _common.host_syncs("cuda") as found:
+            assert modes == ["warn"]
+            for _ in range(3):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            warnings.warn("unrelated", UserWarning, stacklevel=1)
+    assert modes == ["warn", 0]  # switched back
+    [(where, n)] = found.items()
+    assert n == 3 and where.startswith("benchmarks/test_benchmark_scripts.py:")
+    row = _common.sync_row(found, steps=2)
+    assert row == {"host_syncs_per_step": 1.5, "host_sync_sources": {where: 1.5}}
+    table = frontier.markdown_table([
+        {"arm": "torch checkpoint", "memory_ratio": 1.0, "after_forward_bytes": 1,
+         "peak_ratio": 1.0, "peak_bytes": 1, "grad_cosine": 1.0, **row}])
+    assert "host syncs / step" in table and f"{where} (1.5)" in table
+
+
+def test_host_syncs_counts_nothing_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode",
+                        lambda mode: pytest.fail("switched on a CPU"))
+    from benchmarks._common import host_syncs
+
+    with host_syncs("cpu") as found:
+        torch.ones(3).sum().item()
+    assert not found
