@@ -316,7 +316,10 @@ def _report(a: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     parts = ["# Compiled benchmark (issue 15 item 5)\n", f"command: `{a.command}`\n",
              f"machine: {machine()}\n", "Methods: the docstring of benchmarks/compiled.py "
              "(own compiled code and a cold first step per configuration; memory from the "
-             "profiler's allocation events; compiled share: CompiledFunction(Backward) / "
+             + ("CUDA caching allocator's counts; host syncs counted by "
+                "torch.cuda.set_sync_debug_mode('warn') over the timed steps"
+                if a.device.startswith("cuda") else "profiler's allocation events")
+             + "; compiled share: CompiledFunction(Backward) / "
              "CompiledFxGraph event time over a profiled step). Ratios of medians and bytes.\n"]
     for rec in records:
         lr = rec.get("lr", 0.0)

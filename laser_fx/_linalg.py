@@ -18,6 +18,9 @@ from torch import Tensor
 __all__ = ["as_fp32", "gram_basis", "orthonormal", "ritz", "single_thread_if_small", "skinny",
            "subspace_iteration"]
 
+#: Gram matrices up to this order are decomposed on the host when they live on an accelerator
+_HOST_EIG_MAX = 128
+
 #: CPU problems up to this many elements run their factorizations on one thread (see below).
 _SMALL_CPU = 1 << 18
 
@@ -84,7 +87,17 @@ def _gram(a: Tensor) -> Tensor:
 
 
 def _sym_eig_desc(g: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric fp64 ``g``."""
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric fp64 ``g``.
+
+    On an accelerator a small ``g`` (up to `_HOST_EIG_MAX`) is decomposed on the host: the
+    device's solver checks its result on the host anyway (a synchronisation), and the tracker
+    reads the energies right after (several more); one copy of ``g`` is the only wait, the
+    energies come back on the host, the eigenvectors go back asynchronously, and a 64 x 64
+    problem takes less than half the time of an H200's solver."""
+    if g.device.type != "cpu" and g.shape[0] <= _HOST_EIG_MAX:
+        vals, vecs = _sym_eig_desc(g.cpu())
+        host = vecs.pin_memory() if torch.cuda.is_available() else vecs
+        return vals, host.to(g.device, non_blocking=True)
     vals, vecs = torch.linalg.eigh(g)
     return vals.flip(0).clamp_min(0.0), vecs.flip(1)
 
@@ -96,7 +109,8 @@ def ritz(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``Q V``, their energies ``Λ`` and their coefficients ``C V``.
 
     Returns:
-        (energies fp64 descending, basis ``Q V``, coefficients ``X Q V``).
+        (energies fp64 descending, on the host when ``q`` has at most `_HOST_EIG_MAX`
+        columns; basis ``Q V``; coefficients ``X Q V``).
     """
     c = skinny(x, q)
     vals, vecs = _sym_eig_desc(_gram(c))

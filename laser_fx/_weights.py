@@ -29,22 +29,28 @@ class WeightOrigins:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]]) -> None:
-        self._params = {id(p): n for n, p in named_params}
-        # dynamo cannot trace a WeakIdKeyDictionary: while it traces, derived tensors are
-        # (tensor, name) pairs compared by identity (the trace holds them anyway)
+        # dynamo cannot trace a WeakIdKeyDictionary, and older releases (2.11) neither `id()`
+        # of a tensor computed in the graph nor `next()` of a generator: while it traces,
+        # parameters and derived tensors are (tensor, name) pairs compared by identity in
+        # plain loops (the trace holds them anyway)
+        self._tracing = torch.compiler.is_compiling()
+        pairs = [(p, n) for n, p in named_params]
+        self._pairs = pairs if self._tracing else []
+        self._params = {} if self._tracing else {id(p): n for p, n in pairs}
         self._derived: WeakIdKeyDictionary | list[tuple[torch.Tensor, str]] = (
-            [] if torch.compiler.is_compiling() else WeakIdKeyDictionary())
+            [] if self._tracing else WeakIdKeyDictionary())
 
     def origin(self, t: object) -> str | None:
         """The parameter name ``t`` comes from, or None."""
         if not isinstance(t, torch.Tensor):
             return None
+        if self._tracing:
+            for known, name in (*self._pairs, *self._derived):
+                if known is t:
+                    return name
+            return None
         name = self._params.get(id(t))
-        if name is not None:
-            return name
-        if isinstance(self._derived, list):
-            return next((n for derived, n in self._derived if derived is t), None)
-        return self._derived.get(t)
+        return name if name is not None else self._derived.get(t)
 
     def note(self, func: object, args: tuple, out: object) -> None:
         """Record ``out`` as derived from a parameter when ``func`` is a cast of one."""

@@ -47,6 +47,8 @@ _MAX_ROLES = 32
 #: user frames (outside torch and laser_fx) that make a call site
 _SITE_FRAMES = 4
 _INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+#: laser_fx's own test models are user code here: their lines tell their call sites apart
+_USER_INSIDE = os.path.join(_INTERNAL[1], "testing") + os.sep
 
 
 def call_site(root: tuple[str, int] | None = None,
@@ -67,7 +69,7 @@ def call_site(root: tuple[str, int] | None = None,
     for filename, line, first in frames:
         if len(site) == _SITE_FRAMES:
             break
-        if not filename.startswith(_INTERNAL):
+        if not filename.startswith(_INTERNAL) or filename.startswith(_USER_INSIDE):
             site.append((filename, line))
             if (filename, first) == root:
                 break

@@ -124,3 +124,51 @@ def test_fullgraph_compile_on_cuda_matches_eager(mode):
         want = _backward_grads(eager, eager(*inputs))
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+
+
+def _syncs(fn) -> int:
+    """How many operations in ``fn()`` made the host wait for the device (sync debug mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def test_small_eigendecompositions_run_on_the_host_and_agree_with_the_device():
+    from laser_fx import _linalg
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for k in (1, 7, 64, _linalg._HOST_EIG_MAX):
+        a = torch.randn(512, k, device="cuda", dtype=torch.float64, generator=g)
+        gram = a.T @ a
+        vals, vecs = _linalg._sym_eig_desc(gram)
+        assert vals.device.type == "cpu" and vecs.device.type == "cuda"
+        want, _ = torch.linalg.eigh(gram)
+        torch.testing.assert_close(vals, want.flip(0).clamp_min(0).cpu())
+        torch.testing.assert_close(vecs @ torch.diag(vals.cuda()) @ vecs.T, gram)
+
+
+def test_a_refinement_waits_for_the_device_once():
+    # steady state: no wait at all; a power update: one (the small Gram matrix's copy)
+    tracker = laser_fx.SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0)).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bases = [torch.linalg.qr(torch.randn(64, 6, device="cuda", generator=g)).Q
+             for _ in range(2)]
+
+    def x(i: int, sub: int) -> torch.Tensor:
+        return torch.randn(2048, 6, device="cuda", generator=g) @ bases[sub].T
+
+    for i in range(3):
+        tracker.compress(x(i, 0))
+    tracker.settle()
+    assert _syncs(lambda: [tracker.compress(x(i, 0)) for i in range(5)]) == 0
+    updates = tracker.power_updates
+    tracker.compress(x(9, 1))  # another subspace: decided (and refined) at the next call
+    assert _syncs(tracker.settle) == 1
+    assert tracker.power_updates == updates + 1 and tracker.revisions >= 1

@@ -386,11 +386,14 @@ def test_state_dict_round_trip_reproduces_next_step(mode, assign):
     gb, gc = _step_grads(b, x), _step_grads(c, x)
     for u, v in zip(gb, gc, strict=True):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
-    # the warm model's next step is close to the cold ones (its bases are not reloaded)
-    ga = _step_grads(a, x)
-    cos = F.cosine_similarity(torch.cat([g.flatten() for g in ga]),
-                              torch.cat([g.flatten() for g in gb]), dim=0)
-    assert cos > 0.9, f"{mode}: warm vs reloaded gradient cosine {float(cos):.4f}"
+    # the warm model's next step and the reloaded (cold) one's are both close to the exact
+    # step of the loaded weights (energy 0.9: each stored tensor keeps 90% of its energy);
+    # the warm one's bases are not reloaded, so the two differ
+    exact = torch.cat([g.flatten() for g in _step_grads(plain, x)])
+    for name, m in (("warm", a), ("reloaded", b)):
+        cos = F.cosine_similarity(torch.cat([g.flatten() for g in _step_grads(m, x)]), exact,
+                                  dim=0)
+        assert cos > 0.85, f"{mode}: {name} vs exact gradient cosine {float(cos):.4f}"
 
 
 @pytest.mark.parametrize("mode", MECHANISMS)

@@ -239,6 +239,27 @@ def test_who_calls_the_model_does_not_make_new_roles():
     assert wrapper.roles == before and len(before) == 2
 
 
+def test_laser_fx_own_test_models_have_call_sites_of_their_own():
+    # the zoo lives inside the laser_fx package: its lines are still user code, so its two
+    # recursion lines are two roles and whoever calls the model adds none (a role per calling
+    # line would leave the first line's trackers behind when the model moves to a GPU)
+    from laser_fx.testing.zoo import ZOO
+
+    model, inputs = ZOO["trm_attn"]()
+    laser_fx.compress(model, example_inputs=inputs)
+
+    def measure():  # another line, in another function
+        return model(*inputs)
+
+    model(*inputs).square().mean().backward()
+    keys = {w.site.name: set(w.trackers) for w in model.modules()
+            if isinstance(w, laser_fx.SiteWrapper)}
+    measure().square().mean().backward()
+    assert keys == {w.site.name: set(w.trackers) for w in model.modules()
+                    if isinstance(w, laser_fx.SiteWrapper)}
+    assert all(len(k) == 2 for k in keys.values()), keys  # z-updates and the y-update
+
+
 def _outer_model_of(wrapper):
     return _OWNERS[id(wrapper)]
 

@@ -95,8 +95,12 @@ def traced_checkpoint(wrapper: Any, args: tuple, kwargs: dict) -> Any:
     # tensor twice: ``net(h, h)``, a graph break); ``order``: each slot's input
     unique: list[Tensor] = []
     order = []
-    for t in flat:
-        j = next((j for j, u in enumerate(unique) if u is t), len(unique))
+    for t in flat:  # plain loops: older dynamo releases cannot trace next() of a generator
+        j = len(unique)
+        for i, u in enumerate(unique):
+            if u is t:
+                j = i
+                break
         if j == len(unique):
             unique.append(t)
         order.append(j)
