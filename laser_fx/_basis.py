@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import as_fp32, gram_basis, ritz, skinny, subspace_iteration
+from ._linalg import (
+    as_fp32,
+    gram_basis,
+    ritz,
+    ritz_gram,
+    ritz_rotate,
+    skinny,
+    subspace_iteration,
+    sym_eig_desc,
+)
 from .config import LaserConfig
 
 __all__ = ["BasisUpdates"]
@@ -73,6 +82,13 @@ class BasisUpdates:
         """Warm-started block subspace iteration on ``[Q, random]``; None if not enough.
         With ``coeffs`` (``xc @ Q``), only the random columns are multiplied by ``xc``."""
         k = self.basis.shape[1]
+        q, c, gram = self._power_start(xc, coeffs)
+        return self._power_finish(q, c, *sym_eig_desc(gram), total, k)
+
+    def _power_start(self, xc: Tensor, coeffs: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """The device half of `_power_update`: the iterated ``q``, ``C = X q`` and ``CᵀC``."""
+        k = self.basis.shape[1]
         extra = min(self.config.oversample, self.width - k)
         start, x_start = self.basis, coeffs
         if extra > 0:
@@ -81,7 +97,12 @@ class BasisUpdates:
             if coeffs is not None:
                 x_start = torch.cat([coeffs.T, skinny(xc, rand).T]).T  # k x N buffers
         q = subspace_iteration(xc, start, self.config.power_iters, x_start)
-        energies, basis, coeffs = ritz(xc, q)
+        return (q, *ritz_gram(xc, q))
+
+    def _power_finish(self, q: Tensor, c: Tensor, energies: Tensor, vecs: Tensor,
+                      total: float, k: int) -> tuple[Tensor, Tensor, float] | None:
+        """The decision half of `_power_update` from the Ritz values and vectors of
+        ``CᵀC`` (``k``: the rank before); None if the refined basis keeps too little."""
         if self.config.rank is None:
             # energy mode: the rank follows the data both ways; the extra columns' energies
             # are exact for the directions they span, so a few more directions are taken
@@ -94,7 +115,7 @@ class BasisUpdates:
         fid = min(1.0, float(energies[:keep].sum()) / total)
         if fid < self.threshold():
             return None
-        return basis[:, :keep], coeffs[:, :keep], fid
+        return (*ritz_rotate(q, c, vecs[:, :keep]), fid)
 
     def _reset(self, xc: Tensor, total: float) -> tuple[Tensor, Tensor, float]:
         """Rebuild the basis: smallest k keeping the build target, or the

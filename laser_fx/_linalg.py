@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["as_fp32", "gram_basis", "orthonormal", "ritz", "single_thread_if_small", "skinny",
-           "subspace_iteration"]
+__all__ = ["as_fp32", "gram_basis", "orthonormal", "ritz", "ritz_gram", "ritz_rotate",
+           "single_thread_if_small", "skinny", "subspace_iteration", "sym_eig_desc",
+           "to_device_async"]
 
 #: Gram matrices up to this order are decomposed on the host when they live on an accelerator
 _HOST_EIG_MAX = 128
@@ -86,7 +87,7 @@ def _gram(a: Tensor) -> Tensor:
     return a.T @ a
 
 
-def _sym_eig_desc(g: Tensor) -> tuple[Tensor, Tensor]:
+def sym_eig_desc(g: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric fp64 ``g``.
 
     On an accelerator a small ``g`` (up to `_HOST_EIG_MAX`) is decomposed on the host: the
@@ -95,11 +96,30 @@ def _sym_eig_desc(g: Tensor) -> tuple[Tensor, Tensor]:
     energies come back on the host, the eigenvectors go back asynchronously, and a 64 x 64
     problem takes less than half the time of an H200's solver."""
     if g.device.type != "cpu" and g.shape[0] <= _HOST_EIG_MAX:
-        vals, vecs = _sym_eig_desc(g.cpu())
-        host = vecs.pin_memory() if torch.cuda.is_available() else vecs
-        return vals, host.to(g.device, non_blocking=True)
+        vals, vecs = sym_eig_desc(g.cpu())
+        return vals, to_device_async(vecs, g.device)
     vals, vecs = torch.linalg.eigh(g)
     return vals.flip(0).clamp_min(0.0), vecs.flip(1)
+
+
+def to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``, copied from pinned memory without waiting (the caching
+    host allocator keeps the pinned buffer until the copy is done)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def ritz_gram(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """The first half of `ritz`: ``C = X Q`` and its fp64 Gram matrix ``CᵀC``."""
+    c = skinny(x, q)
+    return c, _gram(c)
+
+
+def ritz_rotate(q: Tensor, c: Tensor, vecs: Tensor) -> tuple[Tensor, Tensor]:
+    """The second half of `ritz`: ``(Q V, C V)`` for the eigenvectors ``V`` of ``CᵀC``."""
+    v = vecs.to(q.dtype)
+    return q @ v, skinny(c, v)
 
 
 def ritz(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,10 +132,9 @@ def ritz(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         (energies fp64 descending, on the host when ``q`` has at most `_HOST_EIG_MAX`
         columns; basis ``Q V``; coefficients ``X Q V``).
     """
-    c = skinny(x, q)
-    vals, vecs = _sym_eig_desc(_gram(c))
-    v = vecs.to(q.dtype)
-    return vals, q @ v, skinny(c, v)
+    c, gram = ritz_gram(x, q)
+    vals, vecs = sym_eig_desc(gram)
+    return (vals, *ritz_rotate(q, c, vecs))
 
 
 def gram_basis(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,7 +143,7 @@ def gram_basis(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         (energies fp64 descending, ``width x width`` orthonormal directions in x's dtype).
     """
-    vals, vecs = _sym_eig_desc(_gram(x))
+    vals, vecs = sym_eig_desc(_gram(x))
     return vals, vecs.to(x.dtype)
 
 

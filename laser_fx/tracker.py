@@ -10,6 +10,11 @@ backward reads it: warm-started block subspace iteration refines Q (Ritz values 
 ``k x k`` Gram matrix), and if that is not enough the basis is rebuilt from the
 ``width x width`` Gram matrix (randomized subspace iteration for wide sites); the
 activation is re-projected, so every stored record keeps at least the trigger's share.
+On an accelerator a refinement is split in two as well: its power iteration runs on the
+device and the record is stored in the iterated basis at once; the Ritz step (the small
+Gram matrix, copied asynchronously) is taken by the next call, which then rotates and
+truncates that record (`laser_fx._pending`). So neither a decision nor a refinement waits
+for the device; only a reset (rare) and a tracker's first call read values back at once.
 
 Slow paths stay rare by construction: a basis is built to keep half of what the trigger
 allows to be dropped (``energy`` 0.999 builds at 0.9995), so the next, slightly different
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 
 from ._basis import BasisUpdates
 from ._linalg import as_fp32, single_thread_if_small, skinny
+from ._pending import PendingCall, PendingRitz
 from .config import LaserConfig
 from .errors import ConfigError
 from .packed import Packed, nbytes
@@ -53,7 +59,13 @@ _COUNTERS = ("calls", "resets", "power_updates", "shrinks", "nonfinite", "dense_
 #: plain Python state a call updates (never a parameter, buffer or submodule): set directly,
 #: past ``nn.Module.__setattr__``'s checks, which cost more than a steady-state projection
 _PLAIN = frozenset((*_COUNTERS, "stored_bytes", "dense_bytes", "backoff", "backoff_next",
-                    "_pending", "_reset_fid", "_min_fid", "_last_fid"))
+                    "_pending", "_ritz", "_reset_fid", "_min_fid", "_last_fid"))
+
+
+def _defers(x: Tensor) -> bool:
+    """Whether a refinement of ``x``'s tracker leaves its Ritz step to the next call: on an
+    accelerator (a CPU has no device to wait for, and decides at once)."""
+    return x.device.type != "cpu"
 
 
 def _compact(t: Tensor, *, transposed: bool = False) -> Tensor:
@@ -85,34 +97,6 @@ def _no_autocast(method: _F) -> _F:
         return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
-
-
-class _Pending:
-    """The last call, until `SubspaceTracker.settle` decides about it: its record, the
-    activation, its row mean and fp32 coefficients (what a revision starts from) and the
-    energies ``[‖X - 1mᵀ‖², ‖C_1‖², …, ‖C_k‖²]``."""
-
-    __slots__ = ("coeffs", "energies", "event", "mean", "packed", "x")
-
-    def __init__(self, packed: Packed, x: Tensor, mean: Tensor | None, coeffs: Tensor,
-                 energies: Tensor) -> None:
-        self.packed = packed
-        self.x = x
-        self.mean = mean
-        self.coeffs = coeffs  # the record's own tensor when it is stored in fp32
-        self.event = None
-        if energies.device.type == "cuda":  # started now, read one call later: no stall
-            host = torch.empty(energies.shape, dtype=energies.dtype, pin_memory=True)
-            host.copy_(energies, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-            energies = host
-        self.energies = energies
-
-    def read(self) -> list[float]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.energies.tolist()
 
 
 class SubspaceTracker(BasisUpdates, nn.Module):
@@ -156,7 +140,8 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             setattr(self, name, 0)
         self.backoff = 0  # calls left to store dense without trying
         self.backoff_next = _BACKOFF  # the next back-off's length (doubles while tries fail)
-        self._pending: _Pending | None = None
+        self._pending: PendingCall | None = None
+        self._ritz: PendingRitz | None = None  # a refinement's Ritz step, left to the next call
 
     def extra_repr(self) -> str:
         return f"width={self.width}, rank={self.basis.shape[1]}"
@@ -231,7 +216,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
                 packed.revise(dense=packed.dense.clone())  # same bytes: counters unchanged
             return packed
         self._check(x)
-        self.settle()
+        self._advance(defer=_defers(x))
         self.calls += 1
         x = x.detach()
         self.dense_bytes += nbytes(x)
@@ -246,42 +231,85 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         coeffs, mean, energies = self._project(x)
         packed = self._store(x, self.basis, coeffs, mean, None, new_basis=False)
         if not packed.is_dense:
-            self._pending = _Pending(packed, x, mean, coeffs, energies)
+            self._pending = PendingCall(packed, x, mean, coeffs, energies)
         return packed
 
     @torch.no_grad()
     @_no_autocast
     def settle(self) -> None:
-        """Take the decision about the last call now (normally taken at the next call).
+        """Take every open decision now (normally taken at the next call).
 
         Reads the last call's captured energy; when it is below `threshold`, refines the
-        basis on that activation and revises its record. Callers that need every decision
-        taken (the end of a forward, a test) call this; `decompress` does it by itself.
+        basis on that activation and revises its record (and finishes a refinement left
+        open by the previous decision). Callers that need every decision taken (the end of
+        a forward, a test) call this; `decompress` does it by itself.
         """
+        self._advance(defer=False)
+
+    def _advance(self, *, defer: bool) -> None:
+        """Finish the open refinement, then decide about the last call; with ``defer``, a
+        refinement that decision starts leaves its Ritz step to the next call."""
+        ritz, self._ritz = self._ritz, None
+        if ritz is not None:
+            self._finish(ritz)
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
+        if pending is not None:
+            self._decide(pending, defer)
+        if not defer and self._ritz is not None:
+            ritz, self._ritz = self._ritz, None
+            self._finish(ritz)
+
+    def _decide(self, pending: PendingCall, defer: bool) -> None:
         total, *columns = pending.read()
         captured = sum(columns)
         if not (math.isfinite(total) and math.isfinite(captured)):
             self.nonfinite += 1  # never reaches the basis: keep the activation exactly
             self._store_dense(pending.x, into=pending.packed)
             return
+        current = pending.packed.basis is self.basis  # else a refinement replaced it since
         fid = 1.0 if total <= 0.0 else min(1.0, captured / total)
         if fid >= self.threshold():
             self._note(fid)
-            self._shrink(columns, total)
+            if current:
+                self._shrink(columns, total)
             return
         self.revisions += 1
         xc, mean = self._centered(pending.x, pending.mean)  # the values the call projected
+        coeffs = pending.coeffs if current else None
+        k = self.basis.shape[1]
         with single_thread_if_small(xc):
-            basis, coeffs, fid = self._refine(xc, total, pending.coeffs)
+            if defer and self.config.power_iters > 0 and 0 < k < self.width:
+                self.power_updates += 1
+                q, c, gram = self._power_start(xc, coeffs)
+                packed = self._store(pending.x, q, c, mean, None, new_basis=True,
+                                     into=pending.packed)
+                if not packed.is_dense:  # (the basis is ``q`` as adopted: compacted)
+                    self._ritz = PendingRitz(packed, pending.x, mean, total, self.basis, c,
+                                             gram, k)
+                return
+            basis, coeffs, fid = self._refine(xc, total, coeffs)
         self._store(pending.x, basis, coeffs, mean, fid, new_basis=True, into=pending.packed)
+
+    def _finish(self, r: PendingRitz) -> None:
+        """The Ritz step of a refinement `_decide` started: rotate and truncate its record
+        (and the basis, unless something replaced it since), or reset when the refined
+        basis keeps too little."""
+        vals, vecs = r.read()
+        got = self._power_finish(r.q, r.c, vals, vecs, r.total, r.rank)
+        adopt = self.basis is r.q
+        if got is None:
+            xc, _ = self._centered(r.x, r.mean)
+            with single_thread_if_small(xc):
+                got = self._reset(xc, r.total)
+            adopt = True
+        basis, coeffs, fid = got
+        self._store(r.x, basis, coeffs, r.mean, fid, new_basis=adopt, into=r.packed)
 
     def decided(self, p: Packed) -> Packed:
         """``p`` after the decision about its call (taken now if still open): what backward
         may read."""
-        if self._pending is not None and self._pending.packed is p:
+        if ((self._pending is not None and self._pending.packed is p)
+                or (self._ritz is not None and self._ritz.packed is p)):
             self.settle()
         return p
 
@@ -394,7 +422,8 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             return self._store_dense(x, into=into)
         if fid is not None:
             self._note(fid)
-        fields = {"coeffs": _compact(c, transposed=True), "basis": self.basis, "mean": m}
+        kept = self.basis if new_basis else basis  # adopted: compacted above
+        fields = {"coeffs": _compact(c, transposed=True), "basis": kept, "mean": m}
         if into is None:
             packed = Packed(shape=x.shape, dtype=x.dtype, **fields)
             self.stored_bytes += packed.nbytes
@@ -425,12 +454,13 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
-        self._pending = None
+        self._pending = self._ritz = None
         self._reset_fid = float(self.reset_fidelity)
         self._min_fid = float(self.min_fidelity)
         self._last_fid = float(self.last_fidelity)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_pending"] = None  # a record in flight belongs to the graph it was made in
+        # a record in flight belongs to the graph it was made in
+        state["_pending"] = state["_ritz"] = None
         return state
