@@ -111,19 +111,33 @@ def _backward_grads(model: nn.Module, out: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad for p in _params(model)]
 
 
+def _flat(gs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten().double() for g in gs])
+
+
 @pytest.mark.parametrize("mode", ["auto", "linear"])
 def test_fullgraph_compile_on_cuda_matches_eager(mode):
+    # lossless (energy 1.0): the compiled model's gradients are the eager one's; lossy (the
+    # default): inductor's kernels round differently than eager ones, which can tip a rank
+    # decision (H200, torch 2.11, linear mode: 1.2e-4 apart), so both are compared with the
+    # exact gradient at the default energy's tolerance
     model, inputs = ZOO["trm_attn"]()
     model, inputs = model.cuda(), _cuda(inputs)
-    config = LaserConfig(mode=mode)
-    eager = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs, config=config)
-    comp = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs, config=config)
-    compiled = torch.compile(comp, fullgraph=True)
-    for _ in range(2):
-        got = _backward_grads(comp, compiled(*inputs))
-        want = _backward_grads(eager, eager(*inputs))
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+    for energy in (1.0, LaserConfig().energy):
+        config = LaserConfig(mode=mode, energy=energy)
+        eager = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs, config=config)
+        comp = laser_fx.compress(copy.deepcopy(model), example_inputs=inputs, config=config)
+        compiled = torch.compile(comp, fullgraph=True)
+        exact = _flat(_backward_grads(model, model(*inputs)))
+        for _ in range(2):
+            got = _backward_grads(comp, compiled(*inputs))
+            want = _backward_grads(eager, eager(*inputs))
+            if energy == 1.0:
+                for g, w in zip(got, want, strict=True):
+                    torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+            for gs in (got, want):
+                cos = torch.nn.functional.cosine_similarity(_flat(gs), exact, dim=0)
+                assert cos > 0.999, (energy, float(cos))
 
 
 def _syncs(fn) -> int:
@@ -147,7 +161,7 @@ def test_small_eigendecompositions_run_on_the_host_and_agree_with_the_device():
     for k in (1, 7, 64, _linalg._HOST_EIG_MAX):
         a = torch.randn(512, k, device="cuda", dtype=torch.float64, generator=g)
         gram = a.T @ a
-        vals, vecs = _linalg._sym_eig_desc(gram)
+        vals, vecs = _linalg.sym_eig_desc(gram)
         assert vals.device.type == "cpu" and vecs.device.type == "cuda"
         want, _ = torch.linalg.eigh(gram)
         torch.testing.assert_close(vals, want.flip(0).clamp_min(0).cpu())
