@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
 import shlex
@@ -73,7 +72,6 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile, record_function
 
 import laser_fx
 from laser_fx.testing import entry, own_code
@@ -89,6 +87,12 @@ from benchmarks._common import (  # noqa: E402
     sync,
     sync_row,
     trm_workload,
+)
+from benchmarks._compiled_measures import (  # noqa: E402
+    compiled_share,
+    cuda_memory,
+    profiled_memory,
+    step,
 )
 
 __all__ = ["COLUMNS", "CONFIGS", "compiled_share", "cuda_memory", "main", "markdown_table",
@@ -109,8 +113,6 @@ CONFIGS: dict[str, tuple[str, bool, float | None, str | None]] = {
 COLUMNS = ("configuration", "first step s (x unc.)", "step ms median [IQR]", "time x unc.",
            "time x ckpt", "after-fwd MiB", "after-fwd x unc.", "peak MiB", "peak x unc.",
            "peak x ckpt", "grad cosine", "breaks / graphs / frames skipped", "compiled share")
-COMPILED_EVENTS = ("CompiledFunction", "CompiledFunctionBackward", "## Call CompiledFxGraph")
-_FWD, _STEP = "compiled_bench::forward", "compiled_bench::step"
 MIB = 2.0**20
 
 
@@ -153,86 +155,9 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _step(w: Workload, c: _Config) -> None:
-    for p in _params(c.module):
-        p.grad = None
-    w.loss(w.run(c.call)).backward()
-
-
 def _flat_grads(module: nn.Module) -> Tensor:
     return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
                       for p in _params(module)])
-
-
-def _walk(events: Sequence[Any]) -> Iterator[Any]:
-    for e in events:
-        yield e
-        yield from _walk(e.children)
-
-
-def profiled_memory(w: Workload, c: _Config) -> tuple[int, int]:
-    """``(after_forward, peak)`` bytes of one step, from the profiler's allocation events."""
-    for p in _params(c.module):
-        p.grad = None
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function(_FWD):
-            out = w.run(c.call)
-            loss = w.loss(out)
-            del out
-        loss.backward()
-    del loss
-    tree = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
-    fwd_end = next(e.end_time_ns for e in tree if e.name == _FWD)
-    allocs = sorted((e for e in tree if e.tag == torch._C._profiler._EventType.Allocation),
-                    key=lambda e: e.start_time_ns)
-    live: dict[int, int] = {}
-    now = peak = 0
-    after: int | None = None
-    for e in allocs:
-        if after is None and e.start_time_ns > fwd_end:
-            after = now
-        a = e.typed[1]
-        if a.alloc_size > 0:
-            live[a.ptr] = a.alloc_size
-            now += a.alloc_size
-        elif a.ptr in live:  # frees of storages from before the step are not counted
-            now -= live.pop(a.ptr)
-        peak = max(peak, now)
-    return (now if after is None else after), peak
-
-
-def cuda_memory(w: Workload, c: _Config) -> tuple[int, int]:
-    """``(after_forward, peak)`` bytes of one step on a CUDA device: the caching allocator's
-    allocated bytes after forward and loss, and its maximum over the step, less what was
-    allocated before."""
-    for p in _params(c.module):
-        p.grad = None
-    gc.collect()
-    sync(w.target.device)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    loss = w.loss(w.run(c.call))
-    after = torch.cuda.memory_allocated() - base
-    loss.backward()
-    del loss
-    sync(w.target.device)
-    return after, torch.cuda.max_memory_allocated() - base
-
-
-def compiled_share(w: Workload, c: _Config) -> float:
-    """Share of one step's wall time spent in compiled graphs (`COMPILED_EVENTS`)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function(_STEP):
-            _step(w, c)
-    events = prof.events()
-    step = next(e.time_range for e in events if e.name == _STEP)
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.name in COMPILED_EVENTS[:2] or e.name.startswith(COMPILED_EVENTS[2]))
-    total, end = 0.0, float("-inf")
-    for lo, hi in spans:  # union of (possibly nested) intervals
-        total, end = total + max(0.0, hi - max(lo, end)), max(end, hi)
-    return total / max(step.end - step.start, 1e-9)
 
 
 def _explain(w: Workload, key: str, backend: str) -> dict[str, Any]:
@@ -263,7 +188,7 @@ def _cold(w: Workload, key: str, a: argparse.Namespace, root: str, ref: Tensor) 
     with c.active():
         sync(a.device)
         t0 = time.perf_counter()
-        _step(w, c)
+        step(w, c)
         sync(a.device)
         c.row.update(first_step_s=time.perf_counter() - t0, compress_s=compress_s,
                      graphs_compiled=stats["unique_graphs"] - graphs)
@@ -392,7 +317,7 @@ def _run_width(d: int, a: argparse.Namespace, records: list[dict[str, Any]], roo
                 sync(a.device)
                 t0 = time.perf_counter()
                 with host_syncs(a.device) as found:
-                    _step(w, c)
+                    step(w, c)
                 sync(a.device)
                 dt = time.perf_counter() - t0
                 c.update()

@@ -18,11 +18,18 @@ Takes 1-5 minutes on 2 CPU cores (the exact SVDs dominate). Prints a Markdown ta
 against the ``k x N`` buffer `laser_fx._linalg.skinny` computes (``(Qᵀ Xᵀ)ᵀ``), and likewise
 ``Xᵀ C`` (a power iteration). Seconds, not minutes.
 
+``--eig`` (CUDA only) times the eigendecomposition of a refinement's ``k x k`` fp64 Gram
+matrix for each ``--ranks`` k: the device's solver (``torch.linalg.eigh``, which waits for
+the device to check its result) against `laser_fx._linalg.sym_eig_desc` (one copy to the
+host, the host's solver, the eigenvectors sent back asynchronously); mean of ``--reps``
+after 5 warm-ups, the device synchronised around the loop.
+
 Example::
 
     PYTHONPATH=. .venv/bin/python benchmarks/tracker_cost.py --reps 5
     PYTHONPATH=. .venv/bin/python benchmarks/tracker_cost.py --layouts --widths 128 384 \
         --tokens 784 --ranks 4 6 11 16 29 --reps 200 --threads 1
+    PYTHONPATH=. python3 benchmarks/tracker_cost.py --eig --ranks 8 16 32 64 --reps 50
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from laser_fx._linalg import skinny
+from laser_fx._linalg import skinny, sym_eig_desc
 from laser_fx.config import LaserConfig
 from laser_fx.tracker import SubspaceTracker
 
@@ -108,6 +115,29 @@ def _layouts(args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
+def _eig(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Device solver against the host round trip, for each ``k`` in ``--ranks`` (CUDA)."""
+    print("| k | torch.linalg.eigh on the GPU (us) | sym_eig_desc: via the host (us) | ratio |")
+    print("|---:|---:|---:|---:|")
+    rows = []
+    for k in args.ranks:
+        a = torch.randn(4096, k, device="cuda", dtype=torch.float64)
+        g = a.T @ a
+        us = []
+        for fn in (torch.linalg.eigh, sym_eig_desc):
+            for _ in range(5):
+                fn(g)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.reps):
+                fn(g)
+            torch.cuda.synchronize()
+            us.append(1e6 * (time.perf_counter() - start) / args.reps)
+        rows.append({"k": k, "device_us": us[0], "host_us": us[1]})
+        print(f"| {k} | {us[0]:.0f} | {us[1]:.0f} | {us[0] / us[1]:.2f} |", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     """Parse arguments, time every width, print the Markdown table; returns its rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,9 +152,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     )
     parser.add_argument("--layouts", action="store_true",
                         help="time the two layouts of the tracker's narrow products instead")
+    parser.add_argument("--eig", action="store_true",
+                        help="time a refinement's eigendecomposition on the GPU and via the host")
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 6, 11, 16, 29],
-                        help="with --layouts: the k columns of Q and C")
+                        help="with --layouts: the k columns of Q and C; with --eig: the orders")
     args = parser.parse_args(argv)
+    if args.eig and not torch.cuda.is_available():
+        parser.error("--eig compares a CUDA device's solver with the host's: no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,6 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     )
     if args.layouts:
         return _layouts(args)
+    if args.eig:
+        return _eig(args)
     print(
         "| width | k | projection | +1 power iter | reset | exact SVD | F.linear | proj / matmul |"
     )

@@ -13,8 +13,9 @@ activation is re-projected, so every stored record keeps at least the trigger's 
 On an accelerator a refinement is split in two as well: its power iteration runs on the
 device and the record is stored in the iterated basis at once; the Ritz step (the small
 Gram matrix, copied asynchronously) is taken by the next call, which then rotates and
-truncates that record (`laser_fx._pending`). So neither a decision nor a refinement waits
-for the device; only a reset (rare) and a tracker's first call read values back at once.
+truncates that record (`laser_fx._decisions`). So neither a decision nor a refinement waits
+for the device; a reset (rare), a tracker's first call, a fixed-rank tracker's refinement and
+one of a site whose oversampled basis would pass half its width read values back at once.
 
 Slow paths stay rare by construction: a basis is built to keep half of what the trigger
 allows to be dropped (``energy`` 0.999 builds at 0.9995), so the next, slightly different
@@ -26,17 +27,15 @@ projected with. How bases are built and refined: `laser_fx._basis`.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._basis import BasisUpdates
+from ._decisions import LateDecisions, PendingCall, PendingRitz, defers, no_autocast
 from ._linalg import as_fp32, single_thread_if_small, skinny
-from ._pending import PendingCall, PendingRitz
 from .config import LaserConfig
 from .errors import ConfigError
 from .packed import Packed, nbytes
@@ -62,12 +61,6 @@ _PLAIN = frozenset((*_COUNTERS, "stored_bytes", "dense_bytes", "backoff", "backo
                     "_pending", "_ritz", "_reset_fid", "_min_fid", "_last_fid"))
 
 
-def _defers(x: Tensor) -> bool:
-    """Whether a refinement of ``x``'s tracker leaves its Ritz step to the next call: on an
-    accelerator (a CPU has no device to wait for, and decides at once)."""
-    return x.device.type != "cpu"
-
-
 def _compact(t: Tensor, *, transposed: bool = False) -> Tensor:
     """``t`` in its own storage, so that a kept slice does not pin a larger buffer alive;
     ``transposed``: a matrix kept as the transpose of a dense buffer, the layout coefficients
@@ -79,27 +72,7 @@ def _compact(t: Tensor, *, transposed: bool = False) -> Tensor:
     return own.T if transposed else own
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _no_autocast(method: _F) -> _F:
-    """Run a tracker method with autocast off on the tracker's device: a compress or
-    decompress called inside the user's ``torch.autocast`` region would otherwise project and
-    reconstruct in bf16/fp16 (records no longer keeping what the decision measured; energy
-    1.0 no longer lossless)."""
-
-    @functools.wraps(method)
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        device = self.basis.device.type
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return method(self, *args, **kwargs)
-        return method(self, *args, **kwargs)
-
-    return run  # type: ignore[return-value]
-
-
-class SubspaceTracker(BasisUpdates, nn.Module):
+class SubspaceTracker(LateDecisions, BasisUpdates, nn.Module):
     """Tracked low-rank basis of one site's activations (last dim = ``width``).
 
     ``state_dict`` holds the basis and fidelities (``load_state_dict`` also takes a tracker
@@ -185,7 +158,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
     # recompile it per width/rank until its limit, then run it eagerly anyway
     @torch.compiler.disable
     @torch.no_grad()
-    @_no_autocast
+    @no_autocast
     def compress(self, x: Tensor, *, borrowed: bool = False) -> Packed:
         """Store ``x`` (any leading dims, last dim ``width``) in the tracked basis.
 
@@ -216,7 +189,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
                 packed.revise(dense=packed.dense.clone())  # same bytes: counters unchanged
             return packed
         self._check(x)
-        self._advance(defer=_defers(x))
+        self._advance(defer=defers(x))
         self.calls += 1
         x = x.detach()
         self.dense_bytes += nbytes(x)
@@ -234,86 +207,7 @@ class SubspaceTracker(BasisUpdates, nn.Module):
             self._pending = PendingCall(packed, x, mean, coeffs, energies)
         return packed
 
-    @torch.no_grad()
-    @_no_autocast
-    def settle(self) -> None:
-        """Take every open decision now (normally taken at the next call).
-
-        Reads the last call's captured energy; when it is below `threshold`, refines the
-        basis on that activation and revises its record (and finishes a refinement left
-        open by the previous decision). Callers that need every decision taken (the end of
-        a forward, a test) call this; `decompress` does it by itself.
-        """
-        self._advance(defer=False)
-
-    def _advance(self, *, defer: bool) -> None:
-        """Finish the open refinement, then decide about the last call; with ``defer``, a
-        refinement that decision starts leaves its Ritz step to the next call."""
-        ritz, self._ritz = self._ritz, None
-        if ritz is not None:
-            self._finish(ritz)
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._decide(pending, defer)
-        if not defer and self._ritz is not None:
-            ritz, self._ritz = self._ritz, None
-            self._finish(ritz)
-
-    def _decide(self, pending: PendingCall, defer: bool) -> None:
-        total, *columns = pending.read()
-        captured = sum(columns)
-        if not (math.isfinite(total) and math.isfinite(captured)):
-            self.nonfinite += 1  # never reaches the basis: keep the activation exactly
-            self._store_dense(pending.x, into=pending.packed)
-            return
-        current = pending.packed.basis is self.basis  # else a refinement replaced it since
-        fid = 1.0 if total <= 0.0 else min(1.0, captured / total)
-        if fid >= self.threshold():
-            self._note(fid)
-            if current:
-                self._shrink(columns, total)
-            return
-        self.revisions += 1
-        xc, mean = self._centered(pending.x, pending.mean)  # the values the call projected
-        coeffs = pending.coeffs if current else None
-        k = self.basis.shape[1]
-        with single_thread_if_small(xc):
-            if defer and self.config.power_iters > 0 and 0 < k < self.width:
-                self.power_updates += 1
-                q, c, gram = self._power_start(xc, coeffs)
-                packed = self._store(pending.x, q, c, mean, None, new_basis=True,
-                                     into=pending.packed)
-                if not packed.is_dense:  # (the basis is ``q`` as adopted: compacted)
-                    self._ritz = PendingRitz(packed, pending.x, mean, total, self.basis, c,
-                                             gram, k)
-                return
-            basis, coeffs, fid = self._refine(xc, total, coeffs)
-        self._store(pending.x, basis, coeffs, mean, fid, new_basis=True, into=pending.packed)
-
-    def _finish(self, r: PendingRitz) -> None:
-        """The Ritz step of a refinement `_decide` started: rotate and truncate its record
-        (and the basis, unless something replaced it since), or reset when the refined
-        basis keeps too little."""
-        vals, vecs = r.read()
-        got = self._power_finish(r.q, r.c, vals, vecs, r.total, r.rank)
-        adopt = self.basis is r.q
-        if got is None:
-            xc, _ = self._centered(r.x, r.mean)
-            with single_thread_if_small(xc):
-                got = self._reset(xc, r.total)
-            adopt = True
-        basis, coeffs, fid = got
-        self._store(r.x, basis, coeffs, r.mean, fid, new_basis=adopt, into=r.packed)
-
-    def decided(self, p: Packed) -> Packed:
-        """``p`` after the decision about its call (taken now if still open): what backward
-        may read."""
-        if ((self._pending is not None and self._pending.packed is p)
-                or (self._ritz is not None and self._ritz.packed is p)):
-            self.settle()
-        return p
-
-    @_no_autocast
+    @no_autocast
     def decompress(self, p: Packed) -> Tensor:
         """Reconstruction ``X̂ = C Qᵀ`` in the original shape and dtype (exact if dense).
 
@@ -394,9 +288,11 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _store(self, x: Tensor, basis: Tensor, coeffs: Tensor, mean: Tensor | None,
-               fid: float | None, *, new_basis: bool, into: Packed | None = None) -> Packed:
+               fid: float | None, *, new_basis: bool, into: Packed | None = None,
+               provisional: bool = False) -> Packed:
         """Store ``x`` as ``coeffs`` in ``basis`` (adopted if new), or dense when that is not
-        worth it; as a new record, or as the revision of ``into``."""
+        worth it; as a new record, or as the revision of ``into``. ``provisional``: a
+        refinement's record before its Ritz step, which takes that decision (low-rank now)."""
         if new_basis:
             self.basis = _compact(basis.float())  # assign, never in place: old records keep theirs
             self.rank.fill_(self.basis.shape[1])
@@ -404,10 +300,11 @@ class SubspaceTracker(BasisUpdates, nn.Module):
         c = coeffs.to(store)
         m = None if mean is None else mean.to(store)
         x_bytes, rec_bytes = nbytes(x), nbytes(c) + nbytes(m)
-        dense = rec_bytes >= x_bytes
-        if self.config.rank is None:  # energy mode: back off from incompressible activations
-            # A record that brings a new basis version pins it too: with few rows (a small
-            # batch of RNN states) coefficients plus basis can outgrow the activation.
+        dense = not provisional and rec_bytes >= x_bytes
+        if self.config.rank is None and not provisional:
+            # energy mode: back off from incompressible activations. A record that brings a
+            # new basis version pins it too: with few rows (a small batch of RNN states)
+            # coefficients plus basis can outgrow the activation.
             cost = rec_bytes + (nbytes(self.basis) if new_basis else 0)
             dense = cost > _INCOMPRESSIBLE * x_bytes
             if dense:  # forget the basis too: the next try starts cold (a fresh reset)

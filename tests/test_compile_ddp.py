@@ -56,9 +56,8 @@ def _flat(gs) -> torch.Tensor:
 
 
 def _tracker_states(cmodel: nn.Module) -> dict[str, torch.Tensor]:
-    # by slot, without the role: the zoo models live inside laser_fx, so an eager call's
-    # site is the test's own lines and a compiled call's is empty (one role each, numbered
-    # apart); tests/test_traced.py checks roles on a model written outside laser_fx
+    # by slot, without the role: these tests compare what the trackers hold, not how calls
+    # are assigned to roles (tests/test_traced*.py check roles)
     return {
         f"{w.site.name}.{slot.partition('@')[0]}.{k}": v
         for w in cmodel.modules() if isinstance(w, SiteWrapper)

@@ -322,7 +322,7 @@ def test_a_decorated_forward_still_bounds_the_call_site():
 
 
 # ---------------------------------------------------------------- refinements one call late
-# On an accelerator a refinement's Ritz step is taken by the next call (`_defers`); the
+# On an accelerator a refinement's Ritz step is taken by the next call (`defers`); the
 # same logic runs on a CPU when forced, so it is tested here; tests/test_cuda.py counts the
 # device waits themselves.
 
@@ -334,7 +334,7 @@ def deferring():
 
     import laser_fx.tracker as tracker_module
 
-    with mock.patch.object(tracker_module, "_defers", lambda x: True):
+    with mock.patch.object(tracker_module, "defers", lambda x: True):
         yield
 
 
@@ -364,10 +364,8 @@ def test_property_deferred_refinements_keep_the_trigger_share(calls, energy, wid
     for x, p in records:
         if rank is None:
             assert captured(x, p) >= energy - 1e-4, (captured(x, p), p)
-        elif not p.is_dense:  # (a call projected on a refinement's iterated basis, before
-            # its Ritz step, keeps the oversampled columns too)
-            k = p.coeffs.shape[1]
-            assert k == p.basis.shape[1] and k <= min(rank, width) + cfg.oversample
+        elif not p.is_dense:  # fixed-rank trackers refine at once: every record has the rank
+            assert p.coeffs.shape[1] == p.basis.shape[1] == min(rank, width)
         want = p.dense if p.is_dense else (  # each record decodes with its own basis version
             p.coeffs.float() @ p.basis.T + (0 if p.mean is None else p.mean)).to(x.dtype)
         torch.testing.assert_close(tracker.decompress(p), want, rtol=1e-4, atol=1e-5)
@@ -406,3 +404,22 @@ def test_a_deferred_refinement_that_keeps_too_little_resets():
         tracker.decompress(p)  # backward reads the record: everything is decided first
         assert tracker._ritz is None and tracker.resets == 2
         assert captured(x, p) >= 0.999 - 1e-5
+
+
+def test_few_column_sites_and_fixed_ranks_refine_at_once():
+    # the call after a deferred refinement is stored in the oversampled basis: only where
+    # that basis has at most half the width's columns; a fixed rank is kept by every record
+    for width, cfg in ((8, LaserConfig(energy=0.99, min_numel=0)),
+                       (64, LaserConfig(rank=6, min_numel=0))):
+        with deferring():
+            tracker = SubspaceTracker(width, cfg)
+            tracker.compress(low_rank(256, width, 2, 0, 0))
+            tracker.compress(low_rank(256, width, 2, 1, 1))
+            tracker.compress(low_rank(256, width, 2, 1, 2))
+        assert tracker._ritz is None and tracker.revisions == 1, (width, tracker.stats())
+    with deferring():  # a wide site defers
+        tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
+        tracker.compress(low_rank(256, 64, 2, 0, 0))
+        tracker.compress(low_rank(256, 64, 2, 1, 1))
+        tracker.compress(low_rank(256, 64, 2, 1, 2))
+    assert tracker._ritz is not None and tracker.revisions == 1
