@@ -181,7 +181,7 @@ class SubspaceTracker(LateDecisions, BasisUpdates, nn.Module):
             packed = self.compress(x)
             pending = self._pending
             if pending is not None and pending.packed is packed:
-                if x.device.type == "cpu":
+                if not defers(x):
                     self.settle()
                 else:
                     pending.x = pending.x.clone()
