@@ -69,13 +69,16 @@ class BasisUpdates:
                 ) -> tuple[Tensor, Tensor, float]:
         """A basis keeping at least the trigger's share of ``xc``: power update, else reset.
         ``coeffs``: ``xc @ basis`` when the caller has it (the call's projection)."""
-        k = self.basis.shape[1]
-        if self.config.power_iters > 0 and 0 < k < self.width:
+        if self._can_power_update():
             self.power_updates += 1
             got = self._power_update(xc, total, coeffs)
             if got is not None:
                 return got
         return self._reset(xc, total)
+
+    def _can_power_update(self) -> bool:
+        """Whether a refinement starts with a power update (a basis to warm-start from)."""
+        return self.config.power_iters > 0 and 0 < self.basis.shape[1] < self.width
 
     def _power_update(self, xc: Tensor, total: float, coeffs: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, float] | None:

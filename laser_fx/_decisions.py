@@ -181,8 +181,8 @@ class LateDecisions:
         k = self.basis.shape[1]
         wide = k + min(self.config.oversample, self.width - k)  # the power iteration's columns
         with single_thread_if_small(xc):
-            if (defer and self.config.rank is None and self.config.power_iters > 0
-                    and 0 < k < self.width and wide <= _DEFER_SHARE * self.width):
+            if (defer and self.config.rank is None and self._can_power_update()
+                    and wide <= _DEFER_SHARE * self.width):
                 self.power_updates += 1
                 q, c, gram = self._power_start(xc, coeffs)
                 packed = self._store(pending.x, q, c, mean, None, new_basis=True,

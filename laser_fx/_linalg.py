@@ -103,10 +103,10 @@ def sym_eig_desc(g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def to_device_async(t: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device``, copied from pinned memory without waiting (the caching
-    host allocator keeps the pinned buffer until the copy is done)."""
-    if device.type == "cpu":
-        return t
+    """A host tensor on ``device``; on a CUDA device copied from pinned memory without
+    waiting (the caching host allocator keeps the pinned buffer until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
