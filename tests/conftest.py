@@ -1,4 +1,7 @@
-"""Shared test set-up: Hypothesis profiles (``ci`` is derandomized) and torch threads."""
+"""Shared test set-up: Hypothesis profiles (``ci`` is derandomized), torch threads, and
+``--defer-refinements``: every tracker takes the accelerator's path (a refinement's Ritz step
+at the next call, `laser_fx._decisions.defers`), so a machine without a GPU tests it too
+(tests run in a subprocess keep the CPU's path)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,27 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=10, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--defer-refinements", action="store_true",
+                     help="run every tracker as on an accelerator (refinements finished one "
+                          "call late)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deferred_refinements(request: pytest.FixtureRequest):
+    """The accelerator's refinement path everywhere, with ``--defer-refinements``."""
+    if not request.config.getoption("--defer-refinements"):
+        yield
+        return
+    import laser_fx.tracker
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(laser_fx.tracker, "defers", lambda x: True)
+        yield
+
 
 # One thread: on 2 shared cores, intra-op threads make the many tiny test ops ~50x slower.
 torch.set_num_threads(1)
