@@ -11,7 +11,9 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-timeout 100 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15
+timeout 100 "$py" -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py \
+    > "$out/tests.txt" 2>&1  # (the whole log: a failure's message is not cut off)
+grep -v "^DEBUG" "$out/tests.txt" | tail -n 15
 timeout 140 "$py" benchmarks/frontier.py --device cuda --models trm-attn trm-mlp_t \
     --d 512 --n 6 --T 3 --batch 256 --reps 10 --out "$out/frontier_d512.jsonl" --plot ''
 timeout 330 "$py" benchmarks/compiled.py --device cuda --d 512 --batch 256 --steps 10 \
