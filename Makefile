@@ -25,8 +25,12 @@ $(VENV)/.demo: $(VENV)/.torch pyproject.toml
 demo: $(VENV)/.demo
 	$(PY) examples/trm/train.py --quick
 
+# The whole suite, then the trackers' accelerator path (refinements finished one call late)
+# over the models and faults that exercise it most, on this CPU.
 test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
+	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci --defer-refinements \
+		tests/realistic tests/test_faults.py tests/test_tracker_decisions.py tests/test_robustness.py
 
 lint: $(VENV)/.test
 	$(PIP) install --quiet ruff
