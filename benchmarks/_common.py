@@ -42,6 +42,7 @@ __all__ = [
     "machine",
     "measure_arms",
     "sync_row",
+    "sync_sources",
     "sync",
     "trm_workload",
 ]
@@ -316,6 +317,11 @@ def sync_row(found: Counter[str], steps: int) -> dict[str, Any]:
     of `host_syncs` counts gathered over ``steps`` steps."""
     return {"host_syncs_per_step": sum(found.values()) / steps,
             "host_sync_sources": {k: n / steps for k, n in found.most_common(6)}}
+
+
+def sync_sources(row: dict[str, Any]) -> str:
+    """``"file.py:12 (3.0), ..."``: where a row's host syncs per step came from ('' if none)."""
+    return ", ".join(f"{k} ({n:.1f})" for k, n in row.get("host_sync_sources", {}).items())
 
 
 def _quantiles(ts: list[float]) -> dict[str, float]:

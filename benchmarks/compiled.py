@@ -86,6 +86,7 @@ from benchmarks._common import (  # noqa: E402
     machine,
     sync,
     sync_row,
+    sync_sources,
     trm_workload,
 )
 from benchmarks._compiled_measures import (  # noqa: E402
@@ -262,9 +263,8 @@ def _report(a: argparse.Namespace, records: list[dict[str, Any]]) -> str:
             if r.get("break_reasons"):
                 why = "; ".join(f"{n}x {k}" for k, n in r["break_reasons"].items())
                 parts.append(f"- {r['label']}: graph breaks: {why}")
-            if r.get("host_sync_sources"):
-                where = ", ".join(f"{k} ({n:.1f})" for k, n in r["host_sync_sources"].items())
-                parts.append(f"- {r['label']}: host syncs per step from {where}")
+            if sync_sources(r):
+                parts.append(f"- {r['label']}: host syncs per step from {sync_sources(r)}")
             if r.get("error"):
                 parts.append(f"- {r['label']}: FAILED: {r['error']}")
         parts.append("")

@@ -38,6 +38,7 @@ from benchmarks._common import (  # noqa: E402
     build_arms,
     machine,
     measure_arms,
+    sync_sources,
     trm_workload,
 )
 
@@ -87,9 +88,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             + (f" {r['host_syncs_per_step']:.1f} |" if "host_syncs_per_step" in r else
                " - |" if syncs else ""))
     for r in rows:
-        if r.get("host_sync_sources"):
-            where = ", ".join(f"{k} ({n:.1f})" for k, n in r["host_sync_sources"].items())
-            lines.append(f"\n{r['arm']}: host syncs per step from {where}")
+        if sync_sources(r):
+            lines.append(f"\n{r['arm']}: host syncs per step from {sync_sources(r)}")
     return "\n".join(lines)
 
 

@@ -142,16 +142,11 @@ def test_fullgraph_compile_on_cuda_matches_eager(mode):
 
 def _syncs(fn) -> int:
     """How many operations in ``fn()`` made the host wait for the device (sync debug mode)."""
-    import warnings
+    from benchmarks._common import host_syncs
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+    with host_syncs("cuda") as found:
+        fn()
+    return sum(found.values())
 
 
 def test_small_eigendecompositions_run_on_the_host_and_agree_with_the_device():
