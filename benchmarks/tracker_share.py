@@ -17,6 +17,9 @@ the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measu
   layouts, `ideal_seconds`); dense records: 0;
 - resets and power updates: differences of ``tracker.stats()`` over the step, summed over the
   model's trackers (`laser_fx.report.compressed_sites`: wrappers and parameter sites);
+- refinements by call: decisions that found a basis short, about a tracker's first call of
+  the step (the first after the optimizer step moved the weights) or a later one
+  (`benchmarks._tracker_probe.TrackerProbe`);
 - host reads: calls of ``Tensor.item`` / ``__float__`` / ``__int__`` / ``__bool__`` /
   ``__index__`` / ``tolist`` made inside a tracker method (each is a device synchronisation on
   a GPU), and over the whole step.
@@ -41,171 +44,36 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import laser_fx
 from laser_fx._linalg import skinny
 from laser_fx.report import compressed_sites
-from laser_fx.tracker import SubspaceTracker
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import _quantiles, machine, sync, trm_workload  # noqa: E402
+from benchmarks._tracker_probe import TrackerProbe  # noqa: E402
 from benchmarks.frontier import write_jsonl  # noqa: E402
 
-__all__ = ["COLUMNS", "GOALS", "MODES", "TrackerProbe", "ideal_seconds", "main",
-           "markdown_table", "tracker_counters"]
+__all__ = ["COLUMNS", "GOALS", "MODES", "ideal_seconds", "main", "markdown_table",
+           "tracker_counters"]
 
 MODES = ("auto", "region", "linear")
 #: issue 15's eager goals: largest tracker share of the step per mode (at D >= 128), and the
 #: largest tracker / ideal ratio in every mode
 GOALS = {"share": {"auto": 0.02, "region": 0.10, "linear": 0.05}, "ratio": 2.0, "min_d": 128}
-#: tracker methods timed (those the class has; ``settle`` comes with the tracker rewrite)
-TIMED = ("compress", "decompress", "settle")
-#: tensor methods that copy a value back to the host
-HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
 #: stats() counters reported per step
 COUNTERS = ("resets", "power_updates")
 COLUMNS = ("mode", "D", "step ms [IQR]", "tracker ms/step", "tracker share [IQR]",
            "ideal ms/step", "tracker / ideal", "compress calls/step", "resets/step",
-           "power updates/step", "host reads/step in trackers (whole step)", "goals")
-_MISSING = object()
-
-
-class TrackerProbe:
-    """While entered: times tracker methods, counts host reads, records compress shapes.
-
-    Patches the methods of `TIMED` that `SubspaceTracker` (and subclasses defining their own)
-    has, and the `HOST_READS` methods of ``torch.Tensor``; exiting puts the originals back.
-    Only the outermost tracker call is timed, so nested calls (``settle`` calling
-    ``compress``) count once; every compress call's record shape is kept.
-
-    Attributes:
-        seconds: wall time inside tracker methods since `begin`.
-        host_reads: host reads made inside a tracker method since `begin`.
-        all_reads: host reads made anywhere while entered, since `begin`.
-        calls: outermost tracker method calls by name, since `begin`.
-        records: what each compress call returned since `begin` (kept until the next
-            `begin`, so that `shapes` and `dense` see a record revised after its call).
-
-    Example::
-
-        probe = TrackerProbe()
-        with probe:
-            loss_fn(model(x)).backward()
-        print(probe.seconds, probe.host_reads, probe.shapes)
-    """
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = device
-        self._depth = 0
-        self._reading = False
-        self._saved: list[tuple[type, str, Any]] = []
-        self.begin()
-
-    def begin(self) -> None:
-        """Zero the counts (call before each measured step)."""
-        self.seconds = 0.0
-        self.host_reads = 0
-        self.all_reads = 0
-        self.calls: Counter[str] = Counter()
-        self.records: list[Any] = []
-
-    @property
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """``(N, width, k)`` of each record stored as coefficients."""
-        out = []
-        for p in self.records:
-            if not _is_dense(p):
-                width, k = p.basis.shape[-2], p.basis.shape[-1]
-                out.append((p.coeffs.numel() // max(p.coeffs.shape[-1], 1), width, k))
-        return [(int(n), int(w), int(k)) for n, w, k in out]
-
-    @property
-    def dense(self) -> int:
-        """Records stored dense (their ideal cost is 0)."""
-        return sum(map(_is_dense, self.records))
-
-    # ------------------------------------------------------------------ patching
-    def _patch(self, cls: type, name: str, make: Callable[[Any], Any]) -> None:
-        own = cls.__dict__.get(name, _MISSING)
-        self._saved.append((cls, name, own))
-        setattr(cls, name, make(getattr(cls, name)))
-
-    def __enter__(self) -> TrackerProbe:
-        if self._saved:
-            raise RuntimeError("TrackerProbe is already entered; it does not nest.")
-        classes = [SubspaceTracker]
-        for cls in classes:  # subclasses overriding a method get theirs wrapped too
-            classes.extend(c for c in cls.__subclasses__() if c not in classes)
-        for cls in classes:
-            for name in TIMED:
-                if (name in cls.__dict__ if cls is not SubspaceTracker
-                        else hasattr(cls, name)):
-                    self._patch(cls, name, lambda fn, name=name: self._timed(name, fn))
-        for name in HOST_READS:
-            self._patch(torch.Tensor, name, self._counted)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for cls, name, own in reversed(self._saved):
-            if own is _MISSING:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, own)
-        self._saved.clear()
-        self._depth = 0
-
-    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(tracker: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._depth:  # inside an outer tracker call: its time is already counted
-                self._depth += 1
-                try:
-                    out = fn(tracker, *args, **kwargs)
-                finally:
-                    self._depth -= 1
-            else:
-                sync(self.device)
-                t0 = time.perf_counter()
-                self._depth = 1
-                try:
-                    out = fn(tracker, *args, **kwargs)
-                finally:
-                    self._depth = 0
-                    sync(self.device)
-                    self.seconds += time.perf_counter() - t0
-                self.calls[name] += 1
-            if name == "compress":
-                self.records.append(out)
-            return out
-
-        timed.__wrapped__ = fn  # type: ignore[attr-defined]
-        return timed
-
-    def _counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def read(t: Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self._reading:  # a read implemented by another read counts once
-                return fn(t, *args, **kwargs)
-            self._reading = True
-            try:
-                self.all_reads += 1
-                self.host_reads += self._depth > 0
-                return fn(t, *args, **kwargs)
-            finally:
-                self._reading = False
-
-        return read
-
-
-
-def _is_dense(packed: Any) -> bool:
-    return (getattr(packed, "coeffs", None) is None or getattr(packed, "basis", None) is None
-            or getattr(packed, "dense", None) is not None)
+           "power updates/step", "refinements/step: first call of the step / later calls",
+           "host reads/step in trackers (whole step)", "goals")
 
 
 def tracker_counters(model: nn.Module) -> dict[int, dict[str, int]]:
@@ -283,6 +151,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f" | {r['tracker_ms']:.1f} | {100 * r['tracker_share']:.1f}% "
             f"[{100 * r['share_q25']:.1f}-{100 * r['share_q75']:.1f}] | {r['ideal_ms']:.2f} | "
             f"{ratio} | {r['calls']:.1f} | {r['resets']:.1f} | {r['power_updates']:.1f} | "
+            f"{r['first_refines']:.1f} / {r['later_refines']:.1f} | "
             f"{r['host_reads']:.0f} ({r['all_reads']:.0f}) | {_goal_marks(r)} |")
     return "\n".join(lines)
 
@@ -338,6 +207,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
                     "step_s": seconds, "tracker_s": probe.seconds,
                     "shapes": Counter(probe.shapes), "dense": probe.dense,
                     "calls": probe.calls["compress"], "host_reads": probe.host_reads,
+                    "first_refines": probe.first_refines, "later_refines": probe.later_refines,
                     "all_reads": probe.all_reads,
                     **_counter_deltas(before, tracker_counters(model))})
             probe.begin()  # drop the step's records
@@ -361,6 +231,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
             "ratio": statistics.median(ratios) if ratios else None,
             "calls": mean("calls"), "dense_calls": mean("dense"),
             "resets": mean("resets"), "power_updates": mean("power_updates"),
+            "first_refines": mean("first_refines"), "later_refines": mean("later_refines"),
             "host_reads": mean("host_reads"), "all_reads": mean("all_reads"),
             "host_reads_per_call": (sum(st["host_reads"] for st in steps)
                                     / max(sum(st["calls"] for st in steps), 1)),

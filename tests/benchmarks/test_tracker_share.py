@@ -1,6 +1,7 @@
-"""benchmarks/tracker_share.py: its probe (tracker time counted once, host reads inside tracker
-methods only, compress shapes recorded) and the script end to end on a tiny TRM (D=32, one
-mode, one measured step). Step times on a shared box are not checked, only their relations."""
+"""benchmarks/tracker_share.py and its probe (benchmarks/_tracker_probe.py: tracker time
+counted once, host reads inside tracker methods only, compress shapes recorded, refinements
+sorted by call) and the script end to end on a tiny TRM (D=32, one mode, one measured step).
+Step times on a shared box are not checked, only their relations."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import time
 import pytest
 import torch
 
-from benchmarks import tracker_share
+from benchmarks import _tracker_probe, tracker_share
 from laser_fx import LaserConfig
+from laser_fx._decisions import LateDecisions
 from laser_fx.tracker import SubspaceTracker
 
 
@@ -35,6 +37,8 @@ def test_table_has_the_columns_and_sane_values(run):
     assert 0.0 < row["tracker_ms"] <= row["step_ms"], row
     assert row["ideal_ms"] >= 0.0 and row["calls"] > 0, row
     assert row["resets"] >= 0 and row["power_updates"] >= 0, row
+    # every refinement is a decision that found the basis short, about some call
+    assert row["first_refines"] + row["later_refines"] <= row["calls"], row
     assert 0 <= row["host_reads"] <= row["all_reads"], row
     assert row["ratio"] is None or row["ratio"] > 0, row
     assert table in out.read_text()
@@ -50,7 +54,7 @@ def test_probe_counts_host_reads_inside_tracker_methods_only(monkeypatch):
         return p
 
     monkeypatch.setattr(SubspaceTracker, "decompress", reads_four)
-    probe = tracker_share.TrackerProbe()
+    probe = _tracker_probe.TrackerProbe()
     with probe:
         float(t)  # outside any tracker method: the step's count only
         SubspaceTracker(4, LaserConfig()).decompress(None)
@@ -62,7 +66,7 @@ def test_probe_counts_host_reads_inside_tracker_methods_only(monkeypatch):
 def test_probe_times_nested_calls_once_and_wraps_settle(monkeypatch):
     # a fake clock that moves only inside the tracker methods: 1 s in each
     now = [0.0]
-    monkeypatch.setattr(tracker_share.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(_tracker_probe.time, "perf_counter", lambda: now[0])
 
     def settle(self):  # arrives with the tracker rewrite: wrapped when the class has it
         now[0] += 1.0
@@ -73,7 +77,7 @@ def test_probe_times_nested_calls_once_and_wraps_settle(monkeypatch):
 
     monkeypatch.setattr(SubspaceTracker, "settle", settle, raising=False)
     monkeypatch.setattr(SubspaceTracker, "decompress", decompress)
-    probe = tracker_share.TrackerProbe()
+    probe = _tracker_probe.TrackerProbe()
     with probe:
         SubspaceTracker(4, LaserConfig()).settle()
     assert probe.seconds == 2.0  # 3.0 would count the nested decompress twice
@@ -83,7 +87,7 @@ def test_probe_times_nested_calls_once_and_wraps_settle(monkeypatch):
 def test_probe_records_compress_shapes():
     trk = SubspaceTracker(16, LaserConfig(rank=3))
     x = torch.randn(4, 50, 16)
-    with tracker_share.TrackerProbe() as probe:
+    with _tracker_probe.TrackerProbe() as probe:
         packed = trk.compress(x)
     if packed.coeffs is None:  # stored dense
         assert (probe.shapes, probe.dense) == ([], 1)
@@ -108,3 +112,33 @@ def test_ideal_is_the_faster_layout_of_the_projection(monkeypatch, slow):
         monkeypatch.setattr(tracker_share, "skinny", slowed(tracker_share.skinny))
     cost = tracker_share.ideal_seconds([(64, 16, 3)], reps=3)[(64, 16, 3)]
     assert 0 < cost < 0.005
+
+
+def _in_span(seed: int, width: int = 32, rank: int = 4) -> torch.Tensor:
+    """Activations (rows, width) spanning `rank` random directions of their own."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(width, rank, generator=g)).Q
+    return torch.randn(256, rank, generator=g) @ q.T
+
+
+def test_probe_sorts_refinements_by_first_and_later_call_of_the_step():
+    original = LateDecisions._decide
+    trk = SubspaceTracker(32, LaserConfig())
+    trk.compress(_in_span(0))
+    trk.settle()  # a basis for subspace 0
+    probe = _tracker_probe.TrackerProbe()
+    with probe:
+        trk.compress(_in_span(1))  # first call of the "step": another subspace
+        trk.compress(_in_span(1))  # decides the first call: refined; this one fits
+        trk.compress(_in_span(2))  # decides the second: no refinement
+        trk.settle()  # decides the third (a later call): refined
+        assert (probe.first_refines, probe.later_refines) == (1, 1)
+        probe.begin()  # the next step: the tracker's next decision is a first one again
+        trk.compress(_in_span(3))
+        trk.settle()
+        assert (probe.first_refines, probe.later_refines) == (1, 0)
+        trk.compress(_in_span(3))
+        trk.settle()
+    assert (probe.first_refines, probe.later_refines) == (1, 0)
+    assert trk.revisions == 3
+    assert LateDecisions._decide is original  # the mixin got its method back

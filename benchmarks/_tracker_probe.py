@@ -1,0 +1,185 @@
+"""`TrackerProbe`: what the trackers do inside a measured step (benchmarks/tracker_share.py).
+
+While entered it times the trackers' public methods, counts host reads (inside tracker
+methods and over the whole step), records the shape of every stored record, and sorts the
+decisions that found a basis short by whether they were about a tracker's first call of the
+step or a later one (with an optimizer step between steps, the first call is the first one
+after the weights moved).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from laser_fx._decisions import LateDecisions
+from laser_fx.tracker import SubspaceTracker
+
+from ._common import sync
+
+__all__ = ["HOST_READS", "TIMED", "TrackerProbe", "is_dense"]
+
+#: tracker methods timed (those the class has)
+TIMED = ("compress", "decompress", "settle")
+#: tensor methods that copy a value back to the host
+HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
+_MISSING = object()
+
+
+class TrackerProbe:
+    """While entered: times tracker methods, counts host reads, records compress shapes.
+
+    Patches the methods of `TIMED` that `SubspaceTracker` (and subclasses defining their own)
+    has, and the `HOST_READS` methods of ``torch.Tensor``; exiting puts the originals back.
+    Only the outermost tracker call is timed, so nested calls (``settle`` calling
+    ``compress``) count once; every compress call's record shape is kept.
+
+    Attributes:
+        seconds: wall time inside tracker methods since `begin`.
+        host_reads: host reads made inside a tracker method since `begin`.
+        all_reads: host reads made anywhere while entered, since `begin`.
+        calls: outermost tracker method calls by name, since `begin`.
+        records: what each compress call returned since `begin` (kept until the next
+            `begin`, so that `shapes` and `dense` see a record revised after its call).
+        first_refines: decisions since `begin` that found a tracker's basis short (a
+            refinement: power update or reset) at the tracker's first decision since
+            `begin`, i.e. about its first call of the step (after the optimizer step);
+        later_refines: the same at the tracker's later decisions (along the recursion).
+
+    Example::
+
+        probe = TrackerProbe()
+        with probe:
+            loss_fn(model(x)).backward()
+        print(probe.seconds, probe.host_reads, probe.shapes)
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._depth = 0
+        self._reading = False
+        self._saved: list[tuple[type, str, Any]] = []
+        self.begin()
+
+    def begin(self) -> None:
+        """Zero the counts (call before each measured step)."""
+        self.seconds = 0.0
+        self.host_reads = 0
+        self.all_reads = 0
+        self.calls: Counter[str] = Counter()
+        self.records: list[Any] = []
+        self.first_refines = 0
+        self.later_refines = 0
+        self._decided: set[int] = set()
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """``(N, width, k)`` of each record stored as coefficients."""
+        out = []
+        for p in self.records:
+            if not is_dense(p):
+                width, k = p.basis.shape[-2], p.basis.shape[-1]
+                out.append((p.coeffs.numel() // max(p.coeffs.shape[-1], 1), width, k))
+        return [(int(n), int(w), int(k)) for n, w, k in out]
+
+    @property
+    def dense(self) -> int:
+        """Records stored dense (their ideal cost is 0)."""
+        return sum(map(is_dense, self.records))
+
+    # ------------------------------------------------------------------ patching
+    def _patch(self, cls: type, name: str, make: Callable[[Any], Any]) -> None:
+        own = cls.__dict__.get(name, _MISSING)
+        self._saved.append((cls, name, own))
+        setattr(cls, name, make(getattr(cls, name)))
+
+    def __enter__(self) -> TrackerProbe:
+        if self._saved:
+            raise RuntimeError("TrackerProbe is already entered; it does not nest.")
+        classes = [SubspaceTracker]
+        for cls in classes:  # subclasses overriding a method get theirs wrapped too
+            classes.extend(c for c in cls.__subclasses__() if c not in classes)
+        for cls in classes:
+            for name in TIMED:
+                if (name in cls.__dict__ if cls is not SubspaceTracker
+                        else hasattr(cls, name)):
+                    self._patch(cls, name, lambda fn, name=name: self._timed(name, fn))
+        self._patch(LateDecisions, "_decide", self._decision)
+        for name in HOST_READS:
+            self._patch(torch.Tensor, name, self._counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, name, own in reversed(self._saved):
+            if own is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, own)
+        self._saved.clear()
+        self._depth = 0
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(tracker: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._depth:  # inside an outer tracker call: its time is already counted
+                self._depth += 1
+                try:
+                    out = fn(tracker, *args, **kwargs)
+                finally:
+                    self._depth -= 1
+            else:
+                sync(self.device)
+                t0 = time.perf_counter()
+                self._depth = 1
+                try:
+                    out = fn(tracker, *args, **kwargs)
+                finally:
+                    self._depth = 0
+                    sync(self.device)
+                    self.seconds += time.perf_counter() - t0
+                self.calls[name] += 1
+            if name == "compress":
+                self.records.append(out)
+            return out
+
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+
+    def _decision(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def decide(tracker: Any, *args: Any, **kwargs: Any) -> Any:
+            before = tracker.revisions  # +1 for a decision that found the basis short
+            out = fn(tracker, *args, **kwargs)
+            refined = tracker.revisions - before
+            if id(tracker) in self._decided:
+                self.later_refines += refined
+            else:
+                self._decided.add(id(tracker))
+                self.first_refines += refined
+            return out
+
+        decide.__wrapped__ = fn  # type: ignore[attr-defined]
+        return decide
+
+    def _counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def read(t: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._reading:  # a read implemented by another read counts once
+                return fn(t, *args, **kwargs)
+            self._reading = True
+            try:
+                self.all_reads += 1
+                self.host_reads += self._depth > 0
+                return fn(t, *args, **kwargs)
+            finally:
+                self._reading = False
+
+        return read
+
+
+
+def is_dense(packed: Any) -> bool:
+    return (getattr(packed, "coeffs", None) is None or getattr(packed, "basis", None) is None
+            or getattr(packed, "dense", None) is not None)
