@@ -29,7 +29,8 @@ step); ``--out PATH.md`` also writes it there and the records to ``PATH.jsonl``.
 minutes on 1 thread of a loaded 2-core CPU with the defaults (191 s measured):
 
     PYTHONPATH=. python benchmarks/tracker_share.py [--modes auto region linear] [--d 128 256]
-        [--steps 10] [--warmup 5] [--threads 1] [--out results/tracker_share.md]
+        [--steps 10] [--warmup 5] [--threads 1] [--config FIELD=VALUE ...]
+        [--out results/tracker_share.md]
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ from benchmarks._common import _quantiles, machine, sync, trm_workload  # noqa: 
 from benchmarks._tracker_probe import TrackerProbe  # noqa: E402
 from benchmarks.frontier import write_jsonl  # noqa: E402
 
-__all__ = ["COLUMNS", "GOALS", "MODES", "ideal_seconds", "main", "markdown_table",
-           "tracker_counters"]
+__all__ = ["COLUMNS", "GOALS", "MODES", "config_fields", "ideal_seconds", "main",
+           "markdown_table", "tracker_counters"]
 
 MODES = ("auto", "region", "linear")
 #: issue 15's eager goals: largest tracker share of the step per mode (at D >= 128), and the
@@ -173,16 +174,44 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="Markdown file; records go to the same path "
                    "with .jsonl ('' : print only)")
     p.add_argument("--note", default="", help="a line written under the table (machine load)")
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="LaserConfig fields for every mode, e.g. energy=0.99 oversample=0")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
+    try:
+        a.config_kw = config_fields(a.config)
+        laser_fx.LaserConfig(**a.config_kw)
+    except (ValueError, TypeError, laser_fx.ConfigError) as err:
+        p.error(f"--config: {err}")
     return a
+
+
+def config_fields(items: Sequence[str]) -> dict[str, Any]:
+    """``["energy=0.99", "oversample=0"]`` -> ``{"energy": 0.99, "oversample": 0}`` (ints,
+    floats, ``None``, or the text as it is)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"expected FIELD=VALUE, got {item!r}")
+        if name == "mode":
+            raise ValueError("the mode comes from --modes")
+        value: Any = text
+        for parse in (int, float):
+            try:
+                value = parse(text)
+                break
+            except ValueError:
+                pass
+        out[name] = None if text == "None" else value
+    return out
 
 
 def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, Any]]]:
     w = trm_workload(mixer="attn", d=d, n=a.n, T=a.T, batch=a.batch)
     w.to(a.device)
-    models = {m: w.compress(copy.deepcopy(w.model), laser_fx.LaserConfig(mode=m))
+    models = {m: w.compress(copy.deepcopy(w.model), laser_fx.LaserConfig(mode=m, **a.config_kw))
               for m in a.modes}
     opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=a.lr)
             for m, mod in models.items()}
@@ -267,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"`{cmd}` ({datetime.date.today()})",
             f"Machine: {where}; device {a.device}." + (f" {a.note}" if a.note else ""),
             f"Models: {'; '.join(names)}; AdamW lr {a.lr:g} between steps; {a.warmup} warm-up "
-            f"step(s) skipped, {a.steps} measured per mode, modes interleaved.",
+            f"step(s) skipped, {a.steps} measured per mode, modes interleaved"
+            + (f"; LaserConfig({', '.join(a.config)})." if a.config else "."),
             "Step: forward + backward (optimizer step not timed). Tracker: time inside "
             "`SubspaceTracker` compress/decompress/settle (outermost calls). Ideal: `X @ Q` + "
             "`C @ Qᵀ` for every compress call's shapes (fp32, dense records 0). Medians over "

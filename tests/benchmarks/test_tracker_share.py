@@ -22,7 +22,8 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tracker_share") / "share.md"
     rows = tracker_share.main(["--modes", "region", "--d", "32", "--n", "2", "--T", "2",
                                "--batch", "2", "--steps", "1", "--warmup", "1",
-                               "--ideal-reps", "2", "--out", str(out)])
+                               "--ideal-reps", "2", "--config", "oversample=2",
+                               "--out", str(out)])
     return rows, out
 
 
@@ -41,7 +42,7 @@ def test_table_has_the_columns_and_sane_values(run):
     assert row["first_refines"] + row["later_refines"] <= row["calls"], row
     assert 0 <= row["host_reads"] <= row["all_reads"], row
     assert row["ratio"] is None or row["ratio"] > 0, row
-    assert table in out.read_text()
+    assert table in out.read_text() and "LaserConfig(oversample=2)" in out.read_text()
     (rec,) = [json.loads(ln) for ln in out.with_suffix(".jsonl").read_text().splitlines()]
     assert rec["script"] == "tracker_share" and rec["mode"] == "region"
 
@@ -142,3 +143,16 @@ def test_probe_sorts_refinements_by_first_and_later_call_of_the_step():
     assert (probe.first_refines, probe.later_refines) == (1, 0)
     assert trk.revisions == 3
     assert LateDecisions._decide is original  # the mixin got its method back
+
+
+def test_config_fields_parse_and_bad_ones_are_refused():
+    assert tracker_share.config_fields(["energy=0.99", "oversample=0", "max_rank=None"]) == {
+        "energy": 0.99, "oversample": 0, "max_rank": None}
+    for bad in (["energy"], ["=3"], ["mode=linear"]):
+        with pytest.raises(ValueError):
+            tracker_share.config_fields(bad)
+    with pytest.raises(SystemExit):  # an unknown field or a bad value: argparse's error
+        tracker_share._parse(["--config", "no_such_field=1"])
+    with pytest.raises(SystemExit):
+        tracker_share._parse(["--config", "energy=2.0"])
+    assert tracker_share._parse(["--config", "oversample=0"]).config_kw == {"oversample": 0}
