@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import laser_fx
-from laser_fx.tracker import SubspaceTracker
 
 __all__ = [
     "Arm",
@@ -280,31 +279,6 @@ def _step(w: Workload, arm: Arm) -> None:
         p.grad = None
 
 
-@contextmanager
-def _tracker_clock(device: str, total: list[float]) -> Iterator[None]:
-    """Time every `SubspaceTracker.compress` / `decompress` call (synchronised) into ``total``."""
-    originals = {name: getattr(SubspaceTracker, name) for name in ("compress", "decompress")}
-
-    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            sync(device)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync(device)
-                total[0] += time.perf_counter() - t0
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(SubspaceTracker, name, timed(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(SubspaceTracker, name, fn)
-
-
 def _grads(w: Workload, arm: Arm) -> Tensor:
     params = arm.params
     gs = torch.autograd.grad(w.loss(w.run(arm.module)), params, allow_unused=True)
@@ -339,7 +313,8 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
         arms: from `build_arms` (the first one is the uncompressed reference).
         reps: timed steps per arm after one warm-up round (0: memory and gradients only).
         device: "cpu" or "cuda" (the clock is read after a synchronize).
-        tracker_reps: extra instrumented steps per LASER arm for the tracker share.
+        tracker_reps: extra instrumented steps per LASER arm for the tracker share (time
+            inside the trackers' compress, decompress and settle: `TrackerProbe`).
 
     Returns:
         One dict per arm; ratios are to the first arm.
@@ -376,15 +351,19 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
             if device.startswith("cuda"):
                 row.update(sync_row(syncs[arm.name], len(times[arm.name])))
         if arm.laser and tracker_reps:
+            from ._tracker_probe import TrackerProbe  # it imports `sync` from here
+
             shares = []
+            probe = TrackerProbe(device)
             for _ in range(tracker_reps):
-                spent = [0.0]
-                with _tracker_clock(device, spent):
+                with probe:
+                    probe.begin()
                     sync(device)
                     t0 = time.perf_counter()
                     _step(w, arm)
                     sync(device)
-                shares.append(spent[0] / (time.perf_counter() - t0))
+                shares.append(probe.seconds / (time.perf_counter() - t0))
+            probe.begin()  # drop the records
             row["tracker_share"] = statistics.median(shares)
         rows.append(row)
     base = rows[0]
