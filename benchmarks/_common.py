@@ -31,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 import laser_fx
 
+from ._tracker_probe import TrackerProbe
+
 __all__ = [
     "Arm",
     "TorchCheckpoint",
@@ -351,8 +353,6 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
             if device.startswith("cuda"):
                 row.update(sync_row(syncs[arm.name], len(times[arm.name])))
         if arm.laser and tracker_reps:
-            from ._tracker_probe import TrackerProbe  # it imports `sync` from here
-
             shares = []
             probe = TrackerProbe(device)
             for _ in range(tracker_reps):

@@ -20,8 +20,6 @@ from torch import Tensor
 from laser_fx._decisions import LateDecisions
 from laser_fx.tracker import SubspaceTracker
 
-from ._common import sync
-
 __all__ = ["HOST_READS", "TIMED", "TrackerProbe", "is_dense"]
 
 #: tracker methods timed (those the class has)
@@ -37,10 +35,15 @@ class TrackerProbe:
     Patches the methods of `TIMED` that `SubspaceTracker` (and subclasses defining their own)
     has, and the `HOST_READS` methods of ``torch.Tensor``; exiting puts the originals back.
     Only the outermost tracker call is timed, so nested calls (``settle`` calling
-    ``compress``) count once; every compress call's record shape is kept.
+    ``compress``) count once; every compress call's record shape is kept. On a CPU a call's
+    time is wall time; on a CUDA device it is the device time between two CUDA events
+    recorded around the call, read when `seconds` is read: no synchronisation around the
+    calls, so the step's kernels overlap as they do unmeasured (host work that leaves the
+    device idle inside a call, a host read for one, counts; host work hidden behind queued
+    kernels does not).
 
     Attributes:
-        seconds: wall time inside tracker methods since `begin`.
+        seconds: time inside tracker methods since `begin` (see above).
         host_reads: host reads made inside a tracker method since `begin`.
         all_reads: host reads made anywhere while entered, since `begin`.
         calls: outermost tracker method calls by name, since `begin`.
@@ -61,6 +64,7 @@ class TrackerProbe:
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
+        self._cuda = torch.device(device).type == "cuda"
         self._depth = 0
         self._reading = False
         self._saved: list[tuple[type, str, Any]] = []
@@ -68,7 +72,8 @@ class TrackerProbe:
 
     def begin(self) -> None:
         """Zero the counts (call before each measured step)."""
-        self.seconds = 0.0
+        self._seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []  # CUDA: (start, end) of each timed call
         self.host_reads = 0
         self.all_reads = 0
         self.calls: Counter[str] = Counter()
@@ -76,6 +81,15 @@ class TrackerProbe:
         self.first_refines = 0
         self.later_refines = 0
         self._decided: set[int] = set()
+
+    @property
+    def seconds(self) -> float:
+        """Time inside tracker methods since `begin` (on CUDA: waits for the device)."""
+        if self._events:
+            torch.cuda.synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events.clear()
+        return self._seconds
 
     @property
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -132,15 +146,17 @@ class TrackerProbe:
                 finally:
                     self._depth -= 1
             else:
-                sync(self.device)
+                start = self._mark()
                 t0 = time.perf_counter()
                 self._depth = 1
                 try:
                     out = fn(tracker, *args, **kwargs)
                 finally:
                     self._depth = 0
-                    sync(self.device)
-                    self.seconds += time.perf_counter() - t0
+                    if start is None:
+                        self._seconds += time.perf_counter() - t0
+                    else:
+                        self._events.append((start, self._mark()))
                 self.calls[name] += 1
             if name == "compress":
                 self.records.append(out)
@@ -148,6 +164,14 @@ class TrackerProbe:
 
         timed.__wrapped__ = fn  # type: ignore[attr-defined]
         return timed
+
+    def _mark(self) -> Any:
+        """A recorded CUDA event on a CUDA device, else None (the wall clock is read)."""
+        if not self._cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _decision(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def decide(tracker: Any, *args: Any, **kwargs: Any) -> Any:
@@ -177,7 +201,6 @@ class TrackerProbe:
                 self._reading = False
 
         return read
-
 
 
 def is_dense(packed: Any) -> bool:

@@ -9,8 +9,9 @@ step, so the weights move as in training; 0 keeps them fixed). The modes' steps 
 the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measured:
 
 - step: forward + backward of the TRM loss (the optimizer step is not timed);
-- tracker: wall time inside `SubspaceTracker.compress` / ``decompress`` / ``settle`` (the ones
-  the class has), outermost calls only (a tracker method calling another counts once);
+- tracker: time inside `SubspaceTracker.compress` / ``decompress`` / ``settle``, outermost
+  calls only (a tracker method calling another counts once): wall time on a CPU, the device
+  time between CUDA events around each call on a GPU (`benchmarks._tracker_probe`);
 - ideal: for every compress call of the step that stored coefficients, the time of just
   ``C = X @ Q`` (X: ``(N, width)`` fp32, Q: ``(width, k)``) and ``C @ Qᵀ`` for its shapes
   (random tensors, median of ``--ideal-reps``, timed after the steps; the faster of C's two

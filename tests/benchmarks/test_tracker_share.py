@@ -156,3 +156,39 @@ def test_config_fields_parse_and_bad_ones_are_refused():
     with pytest.raises(SystemExit):
         tracker_share._parse(["--config", "energy=2.0"])
     assert tracker_share._parse(["--config", "oversample=0"]).config_kw == {"oversample": 0}
+
+
+def test_probe_times_cuda_calls_with_events_and_no_synchronisation(monkeypatch):
+    # a fake CUDA: each event is stamped by a clock that the tracker methods move, and any
+    # synchronisation inside a timed call would be seen
+    now, syncs = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = now[0]
+
+        def elapsed_time(self, end: Event) -> float:  # milliseconds, as torch's
+            return 1e3 * (end.at - self.at)
+
+    monkeypatch.setattr(_tracker_probe.torch.cuda, "Event", Event)
+    monkeypatch.setattr(_tracker_probe.torch.cuda, "synchronize", lambda: syncs.append(now[0]))
+
+    def decompress(self, p):
+        now[0] += 0.25
+
+    monkeypatch.setattr(SubspaceTracker, "decompress", decompress)
+    probe = _tracker_probe.TrackerProbe("cuda")
+    trk = SubspaceTracker(4, LaserConfig())
+    with probe:
+        trk.decompress(None)
+        now[0] += 10.0  # outside the trackers: not counted
+        trk.decompress(None)
+    assert syncs == []  # nothing waited around the calls
+    assert probe.seconds == 0.5 and syncs == [10.5]  # read: one wait, then the events
+    assert probe.seconds == 0.5 and len(syncs) == 1  # read again: nothing left to wait for
+    probe.begin()
+    assert probe.seconds == 0.0
