@@ -204,5 +204,6 @@ class TrackerProbe:
 
 
 def is_dense(packed: Any) -> bool:
+    """Whether a record is stored as it is (no coefficients in a basis): its ideal cost is 0."""
     return (getattr(packed, "coeffs", None) is None or getattr(packed, "basis", None) is None
             or getattr(packed, "dense", None) is not None)

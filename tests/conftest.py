@@ -25,7 +25,6 @@ settings.register_profile("dev", max_examples=10, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--defer-refinements", action="store_true",
                      help="run every tracker as on an accelerator (refinements finished one "
