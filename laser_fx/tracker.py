@@ -13,9 +13,12 @@ activation is re-projected, so every stored record keeps at least the trigger's 
 On an accelerator a refinement is split in two as well: its power iteration runs on the
 device and the record is stored in the iterated basis at once; the Ritz step (the small
 Gram matrix, copied asynchronously) is taken by the next call, which then rotates and
-truncates that record (`laser_fx._decisions`). So neither a decision nor a refinement waits
-for the device; a reset (rare), a tracker's first call, a fixed-rank tracker's refinement and
-one of a site whose oversampled basis would pass half its width read values back at once.
+truncates that record (`laser_fx._decisions`). So neither a decision nor a refinement
+waits for the device during the forward. At its end the forward's last calls are decided,
+every tracker queues its refinement (`end_forward`), and the host waits once, on the copies
+(an event, not a synchronising read), before their Ritz steps. A reset (rare), a tracker's
+first call, a fixed-rank tracker's refinement and one of a site whose oversampled basis would
+pass half its width read values back at once.
 
 Slow paths stay rare by construction: a basis is built to keep half of what the trigger
 allows to be dropped (``energy`` 0.999 builds at 0.9995), so the next, slightly different
@@ -130,6 +133,16 @@ class SubspaceTracker(LateDecisions, BasisUpdates, nn.Module):
         """Decide about the last call, then zero the byte counters (once per training step)."""
         self.settle()
         self.stored_bytes = self.dense_bytes = 0
+
+    @torch.no_grad()
+    @no_autocast
+    def end_forward(self) -> None:
+        """Decide about the last call without waiting for the device: as `settle` on a CPU;
+        on an accelerator a refinement this decision starts only queues its power iteration
+        (and the copy of its small Gram matrix), leaving its Ritz step to `settle`. The end
+        of the model's forward runs this on every tracker, then `settle` on every tracker:
+        the host waits once for all of them, not once per refining tracker."""
+        self._advance(defer=defers(self.basis))
 
     def stats(self) -> dict[str, int | float]:
         """Current rank, counters, fidelities and byte counts as plain Python numbers."""

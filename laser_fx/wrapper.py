@@ -174,8 +174,14 @@ class TrackerStore:
             role = self.roles[site] = min(len(self.roles), _MAX_ROLES - 1)
         return role
 
+    def end_forward(self) -> None:
+        """Take every tracker's pending decision, leaving refinements' Ritz steps open on an
+        accelerator (`SubspaceTracker.end_forward`; `settle` takes them)."""
+        for trk in self.trackers.values():
+            trk.end_forward()
+
     def settle(self) -> None:
-        """Take every tracker's pending decision (`SubspaceTracker.settle`)."""
+        """Take every tracker's open decision and refinement (`SubspaceTracker.settle`)."""
         for trk in self.trackers.values():
             trk.settle()
 
@@ -329,7 +335,10 @@ class _StepHook:
 
     @torch.compiler.disable
     def end(self, model: nn.Module, *_: Any) -> None:
-        for store in tracker_stores(model):
+        stores = tracker_stores(model)
+        for store in stores:  # decide; on an accelerator refinements only queue their work
+            store.end_forward()
+        for store in stores:  # then finish them: the host waits for the device once
             store.settle()
 
 

@@ -3,61 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from tracker_helpers import READS, captured, count_reads, deferring, low_rank
 
 import laser_fx
 from laser_fx.config import LaserConfig
 from laser_fx.packed import StorageStats
 from laser_fx.tracker import SubspaceTracker
-
-_READS = ("item", "__float__", "__int__", "__bool__", "__index__")
-
-
-@contextlib.contextmanager
-def count_reads():
-    """Counts calls of the Tensor methods that read a value back to the host, plus `tolist`
-    (how the tracker reads the previous call's energies, one call late)."""
-    counts = dict.fromkeys((*_READS, "tolist"), 0)
-    saved = {name: getattr(torch.Tensor, name) for name in counts}
-
-    def wrap(name):
-        def read(self, *a, **k):
-            counts[name] += 1
-            return saved[name](self, *a, **k)
-        return read
-
-    for name in counts:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
-def low_rank(n: int, width: int, rank: int, sub: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 * sub + width)
-    v = torch.linalg.qr(torch.randn(width, width, generator=g)).Q[:, :rank]
-    g.manual_seed(seed)
-    return (torch.randn(n, rank, generator=g) * torch.logspace(0, -1, rank)) @ v.T
-
-
-def captured(x: torch.Tensor, packed) -> float:
-    """Energy share of ``x``'s centered rows a record keeps (1 for a dense record)."""
-    if packed.is_dense:
-        return 1.0
-    xc = x.reshape(-1, x.shape[-1]).float()
-    xc = xc - xc.mean(0)
-    return float(packed.coeffs.float().square().sum() / xc.square().sum())
 
 
 def test_steady_state_call_reads_nothing_back_but_the_previous_calls_energies():
@@ -67,7 +26,7 @@ def test_steady_state_call_reads_nothing_back_but_the_previous_calls_energies():
     with count_reads() as counts:
         for i in range(3, 10):
             tracker.compress(low_rank(256, 64, 6, 0, i))
-    assert {k: counts[k] for k in _READS} == dict.fromkeys(_READS, 0), counts
+    assert {k: counts[k] for k in READS} == dict.fromkeys(READS, 0), counts
     assert counts["tolist"] == 7  # one small, already-copied vector per call
     assert tracker.resets == 1 and tracker.revisions == 0
 
@@ -278,7 +237,7 @@ def test_a_steady_training_step_reads_nothing_back(mode):
     with count_reads() as counts:
         model(x).square().mean().backward()
     assert sum(t.revisions for t in model.net.trackers.values()) == before
-    assert {k: counts[k] for k in _READS} == dict.fromkeys(_READS, 0), counts
+    assert {k: counts[k] for k in READS} == dict.fromkeys(READS, 0), counts
 
 
 def test_a_decorated_forward_still_bounds_the_call_site():
@@ -307,17 +266,6 @@ def test_a_decorated_forward_still_bounds_the_call_site():
 # On an accelerator a refinement's Ritz step is taken by the next call (`defers`); the
 # same logic runs on a CPU when forced, so it is tested here; tests/test_cuda.py counts the
 # device waits themselves.
-
-
-@contextlib.contextmanager
-def deferring():
-    """Refinements leave their Ritz step to the next call, as on an accelerator."""
-    from unittest import mock
-
-    import laser_fx.tracker as tracker_module
-
-    with mock.patch.object(tracker_module, "defers", lambda x: True):
-        yield
 
 
 @settings(deadline=None, max_examples=40)
@@ -356,95 +304,3 @@ def test_property_every_decided_record_keeps_the_trigger_share(calls, energy, wi
             p.coeffs.float() @ p.basis.T + (0 if p.mean is None else p.mean)).to(x.dtype)
         torch.testing.assert_close(tracker.decompress(p), want, rtol=1e-4, atol=1e-5)
     assert stats.stored_bytes == tracker.stored_bytes
-
-
-def test_a_deferred_refinement_stores_in_the_iterated_basis_then_rotates():
-    with deferring():
-        tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
-        tracker.compress(low_rank(256, 64, 6, 0, 0))
-        x = low_rank(256, 64, 6, 1, 1)  # another subspace: refined when the next call decides
-        p = tracker.compress(x)
-        assert tracker.revisions == 0
-        y = low_rank(256, 64, 6, 1, 2)
-        tracker.compress(y)  # decides about x: power iteration now, Ritz step at the next call
-        assert tracker.revisions == tracker.power_updates == 1 and tracker._ritz is not None
-        iterated = p.basis
-        assert iterated.shape[1] == 6 + tracker.config.oversample  # [Q, random], iterated
-        assert captured(x, p) >= 0.99  # already a valid record, before its Ritz step
-        tracker.compress(low_rank(256, 64, 6, 1, 3))  # takes the Ritz step: rotate, truncate
-        assert tracker._ritz is None and p.basis is not iterated and p.basis.shape[1] == 6
-        assert captured(x, p) >= 0.99 and tracker.resets == 1
-        tracker.settle()
-
-
-def test_a_deferred_refinement_that_keeps_too_little_resets():
-    with deferring():
-        # without oversampling a rank-4 basis cannot grow into a rank-8 subspace: the Ritz step
-        # finds too little and resets from the activation it held
-        tracker = SubspaceTracker(32, LaserConfig(energy=0.999, min_numel=0, oversample=0))
-        tracker.compress(low_rank(128, 32, 4, 0, 0))
-        x = low_rank(128, 32, 8, 1, 1)
-        p = tracker.compress(x)
-        tracker.compress(low_rank(128, 32, 8, 1, 2))
-        assert tracker._ritz is not None and tracker.resets == 1
-        tracker.decompress(p)  # backward reads the record: everything is decided first
-        assert tracker._ritz is None and tracker.resets == 2
-        assert captured(x, p) >= 0.999 - 1e-5
-
-
-def test_few_column_sites_and_fixed_ranks_refine_at_once():
-    # the call after a deferred refinement is stored in the oversampled basis: only where
-    # that basis has at most half the width's columns; a fixed rank is kept by every record
-    for width, cfg in ((8, LaserConfig(energy=0.99, min_numel=0)),
-                       (64, LaserConfig(rank=6, min_numel=0))):
-        with deferring():
-            tracker = SubspaceTracker(width, cfg)
-            tracker.compress(low_rank(256, width, 2, 0, 0))
-            tracker.compress(low_rank(256, width, 2, 1, 1))
-            tracker.compress(low_rank(256, width, 2, 1, 2))
-        assert tracker._ritz is None and tracker.revisions == 1, (width, tracker.stats())
-    with deferring():  # a wide site defers
-        tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
-        tracker.compress(low_rank(256, 64, 2, 0, 0))
-        tracker.compress(low_rank(256, 64, 2, 1, 1))
-        tracker.compress(low_rank(256, 64, 2, 1, 2))
-    assert tracker._ritz is not None and tracker.revisions == 1
-
-
-@pytest.mark.parametrize("mode", ["auto", "linear", "region", "checkpoint"])
-def test_models_train_the_same_with_refinements_deferred(mode):
-    # the accelerator path on a whole model (a CPU runs it when forced), on new batches each
-    # step (the trackers refine): lossless at energy 1.0; at the default energy at least as
-    # close to the exact gradients as deciding at once
-    from unittest import mock
-
-    from laser_fx._decisions import LateDecisions
-    from laser_fx.testing.zoo import ZOO
-
-    model, (tokens,) = ZOO["trm_attn"]()
-
-    def grads(m, x):
-        m.zero_grad(set_to_none=True)
-        m(x).float().cumsum(-1).pow(2).mean().backward()
-        return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-
-    for energy in (1.0, 0.999):
-        cfg = LaserConfig(mode=mode, energy=energy, min_numel=0)
-        now = laser_fx.compress(copy.deepcopy(model), example_inputs=(tokens,), config=cfg)
-        late = laser_fx.compress(copy.deepcopy(model), example_inputs=(tokens,), config=cfg)
-        finished = 0
-        for step in range(4):
-            x = torch.randint(0, model.vocab, tokens.shape,
-                              generator=torch.Generator().manual_seed(step))
-            exact, g_now = grads(model, x), grads(now, x)
-            with deferring(), mock.patch.object(LateDecisions, "_finish", autospec=True,
-                                                side_effect=LateDecisions._finish) as fin:
-                g_late = grads(late, x)
-            finished += fin.call_count
-            if energy == 1.0:
-                torch.testing.assert_close(g_late, exact, rtol=1e-4, atol=1e-6)
-            cos = [float(F.cosine_similarity(g, exact, dim=0)) for g in (g_now, g_late)]
-            assert cos[1] >= cos[0] - 0.005 and cos[1] > 0.85, (energy, cos)  # (this toy
-            # amplifies a stored error through its recursion: 0.90 deciding at once)
-        # (lossless bases span most of the width: those refine at once)
-        assert energy == 1.0 or finished > 0, "no refinement was deferred"
