@@ -1,10 +1,11 @@
 """`TrackerProbe`: what the trackers do inside a measured step (benchmarks/tracker_share.py).
 
 While entered it times the trackers' public methods, counts host reads (inside tracker
-methods and over the whole step), records the shape of every stored record, and sorts the
+methods and over the whole step), records the shape of every stored record, sorts the
 decisions that found a basis short by whether they were about a tracker's first call of the
 step or a later one (with an optimizer step between steps, the first call is the first one
-after the weights moved).
+after the weights moved), and counts the bases built or refined with values read back at
+once (each a synchronising read on an accelerator).
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from laser_fx._basis import BasisUpdates
 from laser_fx._decisions import LateDecisions
 from laser_fx.tracker import SubspaceTracker
 
-__all__ = ["HOST_READS", "TIMED", "TrackerProbe", "is_dense"]
+__all__ = ["AT_ONCE", "HOST_READS", "TIMED", "TrackerProbe", "is_dense"]
 
 #: tracker methods timed (those the class has)
-TIMED = ("compress", "decompress", "settle")
+TIMED = ("compress", "decompress", "settle", "end_forward")
+#: basis updates that read values back at once (a refinement taken whole, a reset, a first
+#: basis); outermost calls are counted (`TrackerProbe.at_once`)
+AT_ONCE = ("_refine", "_reset", "_first")
 #: tensor methods that copy a value back to the host
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
 _MISSING = object()
@@ -53,6 +58,9 @@ class TrackerProbe:
             refinement: power update or reset) at the tracker's first decision since
             `begin`, i.e. about its first call of the step (after the optimizer step);
         later_refines: the same at the tracker's later decisions (along the recursion).
+        at_once: refinements, resets and first bases built with values read back at once
+            (`AT_ONCE`; on an accelerator each waits for the device: a refinement split
+            into a queued power iteration and a later Ritz step is not one).
 
     Example::
 
@@ -80,7 +88,9 @@ class TrackerProbe:
         self.records: list[Any] = []
         self.first_refines = 0
         self.later_refines = 0
+        self.at_once = 0
         self._decided: set[int] = set()
+        self._building = 0
 
     @property
     def seconds(self) -> float:
@@ -124,6 +134,9 @@ class TrackerProbe:
                         else hasattr(cls, name)):
                     self._patch(cls, name, lambda fn, name=name: self._timed(name, fn))
         self._patch(LateDecisions, "_decide", self._decision)
+        for name in AT_ONCE:
+            self._patch(BasisUpdates if hasattr(BasisUpdates, name) else SubspaceTracker, name,
+                        self._built)
         for name in HOST_READS:
             self._patch(torch.Tensor, name, self._counted)
         return self
@@ -187,6 +200,18 @@ class TrackerProbe:
 
         decide.__wrapped__ = fn  # type: ignore[attr-defined]
         return decide
+
+    def _built(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def build(tracker: Any, *args: Any, **kwargs: Any) -> Any:
+            self.at_once += self._building == 0  # a reset inside a refinement counts once
+            self._building += 1
+            try:
+                return fn(tracker, *args, **kwargs)
+            finally:
+                self._building -= 1
+
+        build.__wrapped__ = fn  # type: ignore[attr-defined]
+        return build
 
     def _counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def read(t: Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -23,7 +23,12 @@ the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measu
   (`benchmarks._tracker_probe.TrackerProbe`);
 - host reads: calls of ``Tensor.item`` / ``__float__`` / ``__int__`` / ``__bool__`` /
   ``__index__`` / ``tolist`` made inside a tracker method (each is a device synchronisation on
-  a GPU), and over the whole step.
+  a GPU), and over the whole step;
+- at once: refinements, resets and first bases built with values read back at once (on an
+  accelerator each is a synchronising read; a refinement queued on the device with its Ritz
+  step taken later is not one). On a CPU every refinement is taken at once, unless
+  ``--defer-refinements`` runs the accelerator's decision path here (as the test suite's flag
+  of that name does).
 
 Prints a Markdown table (medians, with the IQR of step time and share; counts are means per
 step); ``--out PATH.md`` also writes it there and the records to ``PATH.jsonl``. About 3
@@ -31,7 +36,7 @@ minutes on 1 thread of a loaded 2-core CPU with the defaults (191 s measured):
 
     PYTHONPATH=. python benchmarks/tracker_share.py [--modes auto region linear] [--d 128 256]
         [--steps 10] [--warmup 5] [--threads 1] [--config FIELD=VALUE ...]
-        [--out results/tracker_share.md]
+        [--defer-refinements] [--out results/tracker_share.md]
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -75,7 +81,7 @@ COUNTERS = ("resets", "power_updates")
 COLUMNS = ("mode", "D", "step ms [IQR]", "tracker ms/step", "tracker share [IQR]",
            "ideal ms/step", "tracker / ideal", "compress calls/step", "resets/step",
            "power updates/step", "refinements/step: first call of the step / later calls",
-           "host reads/step in trackers (whole step)", "goals")
+           "at once/step", "host reads/step in trackers (whole step)", "goals")
 
 
 def tracker_counters(model: nn.Module) -> dict[int, dict[str, int]]:
@@ -153,7 +159,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f" | {r['tracker_ms']:.1f} | {100 * r['tracker_share']:.1f}% "
             f"[{100 * r['share_q25']:.1f}-{100 * r['share_q75']:.1f}] | {r['ideal_ms']:.2f} | "
             f"{ratio} | {r['calls']:.1f} | {r['resets']:.1f} | {r['power_updates']:.1f} | "
-            f"{r['first_refines']:.1f} / {r['later_refines']:.1f} | "
+            f"{r['first_refines']:.1f} / {r['later_refines']:.1f} | {r['at_once']:.1f} | "
             f"{r['host_reads']:.0f} ({r['all_reads']:.0f}) | {_goal_marks(r)} |")
     return "\n".join(lines)
 
@@ -177,6 +183,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="a line written under the table (machine load)")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="LaserConfig fields for every mode, e.g. energy=0.99 oversample=0")
+    p.add_argument("--defer-refinements", action="store_true",
+                   help="the accelerator's decision path on this device (refinements queued, "
+                        "their Ritz steps taken later)")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
@@ -238,6 +247,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
                     "shapes": Counter(probe.shapes), "dense": probe.dense,
                     "calls": probe.calls["compress"], "host_reads": probe.host_reads,
                     "first_refines": probe.first_refines, "later_refines": probe.later_refines,
+                    "at_once": probe.at_once,
                     "all_reads": probe.all_reads,
                     **_counter_deltas(before, tracker_counters(model))})
             probe.begin()  # drop the step's records
@@ -262,6 +272,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
             "calls": mean("calls"), "dense_calls": mean("dense"),
             "resets": mean("resets"), "power_updates": mean("power_updates"),
             "first_refines": mean("first_refines"), "later_refines": mean("later_refines"),
+            "at_once": mean("at_once"),
             "host_reads": mean("host_reads"), "all_reads": mean("all_reads"),
             "host_reads_per_call": (sum(st["host_reads"] for st in steps)
                                     / max(sum(st["calls"] for st in steps), 1)),
@@ -281,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     names = []
     jsonl = str(Path(a.out).with_suffix(".jsonl")) if a.out else None
     for d in a.d:
-        name, got = _measure_width(a, d)
+        with (mock.patch.object(laser_fx.tracker, "defers", lambda x: True)
+              if a.defer_refinements else contextlib.nullcontext()):
+            name, got = _measure_width(a, d)
         names.append(name)
         rows.extend(got)
         for r in got:
@@ -298,12 +311,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"Machine: {where}; device {a.device}." + (f" {a.note}" if a.note else ""),
             f"Models: {'; '.join(names)}; AdamW lr {a.lr:g} between steps; {a.warmup} warm-up "
             f"step(s) skipped, {a.steps} measured per mode, modes interleaved"
-            + (f"; LaserConfig({', '.join(a.config)})." if a.config else "."),
+            + (f"; LaserConfig({', '.join(a.config)})" if a.config else "")
+            + ("; the accelerator's decision path (--defer-refinements)."
+               if a.defer_refinements else "."),
             "Step: forward + backward (optimizer step not timed). Tracker: time inside "
             "`SubspaceTracker` compress/decompress/settle (outermost calls). Ideal: `X @ Q` + "
             "`C @ Qᵀ` for every compress call's shapes (fp32, dense records 0). Medians over "
             "steps [IQR]; counts are means per step; host reads: `item`/`__float__`/`__int__`/"
-            "`__bool__`/`__index__`/`tolist` inside tracker methods (whole step).",
+            "`__bool__`/`__index__`/`tolist` inside tracker methods (whole step); at once: "
+            "refinements, resets and first bases built with values read back at once.",
             markdown_table(rows), ""])
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)

@@ -192,3 +192,33 @@ def test_probe_times_cuda_calls_with_events_and_no_synchronisation(monkeypatch):
     assert probe.seconds == 0.5 and len(syncs) == 1  # read again: nothing left to wait for
     probe.begin()
     assert probe.seconds == 0.0
+
+
+def _turning_subspace():
+    """Six calls of a rank-4 subspace turning by a column each: every decision refines."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.linalg.qr(torch.randn(64, 64, generator=g)).Q
+    for i in range(6):
+        yield torch.randn(256, 4, generator=g) @ v[:, i:i + 4].T
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_probe_counts_bases_built_at_once_not_queued_refinements(monkeypatch, defer):
+    # at once: the first basis and every refinement read values back; on the accelerator's
+    # path (forced) the refinements queue their power iteration and take their Ritz step
+    # later, the forward's last one included (`end_forward`, then `settle`): only the first
+    # basis is built at once
+    import laser_fx.tracker
+
+    monkeypatch.setattr(laser_fx.tracker, "defers", lambda x: defer)
+    tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
+    probe = _tracker_probe.TrackerProbe()
+    with probe:
+        for x in _turning_subspace():
+            tracker.compress(x)
+        tracker.end_forward()
+        tracker.settle()
+    assert tracker.revisions == tracker.power_updates == 5 and tracker.resets == 1
+    assert probe.at_once == (1 if defer else 1 + tracker.revisions)
+    assert probe.calls["end_forward"] == 1  # timed as the other tracker methods
+    assert "_refine" not in SubspaceTracker.__dict__  # the mixin's method is back in place
