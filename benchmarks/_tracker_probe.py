@@ -49,6 +49,7 @@ class TrackerProbe:
 
     Attributes:
         seconds: time inside tracker methods since `begin` (see above).
+        by_tracker: the same per tracker (``id(tracker) -> seconds``).
         host_reads: host reads made inside a tracker method since `begin`.
         all_reads: host reads made anywhere while entered, since `begin`.
         calls: outermost tracker method calls by name, since `begin`.
@@ -81,7 +82,9 @@ class TrackerProbe:
     def begin(self) -> None:
         """Zero the counts (call before each measured step)."""
         self._seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []  # CUDA: (start, end) of each timed call
+        self._by_tracker: Counter[int] = Counter()
+        # CUDA: (id(tracker), start, end) of each timed call
+        self._events: list[tuple[int, Any, Any]] = []
         self.host_reads = 0
         self.all_reads = 0
         self.calls: Counter[str] = Counter()
@@ -95,11 +98,23 @@ class TrackerProbe:
     @property
     def seconds(self) -> float:
         """Time inside tracker methods since `begin` (on CUDA: waits for the device)."""
+        self._read_events()
+        return self._seconds
+
+    @property
+    def by_tracker(self) -> dict[int, float]:
+        """`seconds` per tracker: ``id(tracker) -> seconds`` (on CUDA: waits for the device)."""
+        self._read_events()
+        return dict(self._by_tracker)
+
+    def _read_events(self) -> None:
         if self._events:
             torch.cuda.synchronize()
-            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            for key, a, b in self._events:
+                dt = a.elapsed_time(b) / 1e3
+                self._seconds += dt
+                self._by_tracker[key] += dt
             self._events.clear()
-        return self._seconds
 
     @property
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -167,9 +182,11 @@ class TrackerProbe:
                 finally:
                     self._depth = 0
                     if start is None:
-                        self._seconds += time.perf_counter() - t0
+                        dt = time.perf_counter() - t0
+                        self._seconds += dt
+                        self._by_tracker[id(tracker)] += dt
                     else:
-                        self._events.append((start, self._mark()))
+                        self._events.append((id(tracker), start, self._mark()))
                 self.calls[name] += 1
             if name == "compress":
                 self.records.append(out)

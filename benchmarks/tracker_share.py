@@ -9,9 +9,11 @@ step, so the weights move as in training; 0 keeps them fixed). The modes' steps 
 the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measured:
 
 - step: forward + backward of the TRM loss (the optimizer step is not timed);
-- tracker: time inside `SubspaceTracker.compress` / ``decompress`` / ``settle``, outermost
-  calls only (a tracker method calling another counts once): wall time on a CPU, the device
-  time between CUDA events around each call on a GPU (`benchmarks._tracker_probe`);
+- tracker: time inside `SubspaceTracker.compress` / ``decompress`` / ``settle`` /
+  ``end_forward``, outermost calls only (a tracker method calling another counts once): wall
+  time on a CPU, the device time between CUDA events around each call on a GPU
+  (`benchmarks._tracker_probe`); with ``--per-site`` also per tracker (site, slot and role:
+  the call site's role, ``@0``, ``@1``...), with its calls, power updates and resets;
 - ideal: for every compress call of the step that stored coefficients, the time of just
   ``C = X @ Q`` (X: ``(N, width)`` fp32, Q: ``(width, k)``) and ``C @ Qᵀ`` for its shapes
   (random tensors, median of ``--ideal-reps``, timed after the steps; the faster of C's two
@@ -78,6 +80,11 @@ MODES = ("auto", "region", "linear")
 GOALS = {"share": {"auto": 0.02, "region": 0.10, "linear": 0.05}, "ratio": 2.0, "min_d": 128}
 #: stats() counters reported per step
 COUNTERS = ("resets", "power_updates")
+#: stats() counters kept per tracker (``--per-site``)
+SITE_COUNTERS = ("calls", *COUNTERS)
+SITE_COLUMNS = ("mode", "D", "site:slot@role", "width", "rank (end)", "calls/step",
+                "power updates/step", "resets/step", "tracker ms/step",
+                "share of the mode's tracker time")
 COLUMNS = ("mode", "D", "step ms [IQR]", "tracker ms/step", "tracker share [IQR]",
            "ideal ms/step", "tracker / ideal", "compress calls/step", "resets/step",
            "power updates/step", "refinements/step: first call of the step / later calls",
@@ -85,14 +92,58 @@ COLUMNS = ("mode", "D", "step ms [IQR]", "tracker ms/step", "tracker share [IQR]
 
 
 def tracker_counters(model: nn.Module) -> dict[int, dict[str, int]]:
-    """``id(tracker) -> {counter: value}`` (`COUNTERS` of ``stats()``) for every tracker of
-    ``model``'s compressed sites (missing counters read 0)."""
+    """``id(tracker) -> {counter: value}`` (`SITE_COUNTERS` of ``stats()``) for every tracker
+    of ``model``'s compressed sites (missing counters read 0)."""
     out: dict[int, dict[str, int]] = {}
     for store in compressed_sites(model):
         for trk in getattr(store, "trackers", {}).values():
             stats = trk.stats()
-            out[id(trk)] = {c: int(stats.get(c, 0)) for c in COUNTERS}
+            out[id(trk)] = {c: int(stats.get(c, 0)) for c in SITE_COUNTERS}
     return out
+
+
+def tracker_names(model: nn.Module) -> dict[int, tuple[str, int, int]]:
+    """``id(tracker) -> ("site:slot@role", width, rank)`` for every tracker of ``model``."""
+    out: dict[int, tuple[str, int, int]] = {}
+    for store in compressed_sites(model):
+        site = getattr(getattr(store, "site", None), "name", type(store).__name__)
+        for key, trk in getattr(store, "trackers", {}).items():
+            out[id(trk)] = (f"{site}:{key}", trk.width, int(trk.basis.shape[1]))
+    return out
+
+
+def _per_tracker(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
+                 seconds: dict[int, float]) -> dict[int, dict[str, float]]:
+    """One step's counter deltas and seconds per tracker (a new tracker counts from 0)."""
+    return {i: {"s": seconds.get(i, 0.0),
+                **{c: v[c] - before.get(i, {}).get(c, 0) for c in SITE_COUNTERS}}
+            for i, v in after.items()}
+
+
+def site_rows(mode: str, d: int, steps: list[dict[str, Any]],
+              names: dict[int, tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """Per-tracker means per step of the ``per_tracker`` records of ``steps``, the costliest
+    first; ``share``: of the mode's tracker time over those steps."""
+    total = sum(st["tracker_s"] for st in steps)
+    rows = []
+    for i in {i for st in steps for i in st["per_tracker"]}:
+        per = [st["per_tracker"][i] for st in steps if i in st["per_tracker"]]
+        name, width, rank = names.get(i, ("?", 0, 0))
+        seconds = sum(p["s"] for p in per)
+        rows.append({"mode": mode, "D": d, "site": name, "width": width, "rank": rank,
+                     **{c: sum(p[c] for p in per) / len(steps) for c in SITE_COUNTERS},
+                     "ms": 1e3 * seconds / len(steps),
+                     "share": seconds / total if total > 0 else 0.0})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def site_table(rows: list[dict[str, Any]]) -> str:
+    """One line per tracker with the `SITE_COLUMNS`."""
+    lines = ["| " + " | ".join(SITE_COLUMNS) + " |", "|" + "---|" * len(SITE_COLUMNS)]
+    lines += [f"| {r['mode']} | {r['D']} | {r['site']} | {r['width']} | {r['rank']} | "
+              f"{r['calls']:.1f} | {r['power_updates']:.1f} | {r['resets']:.1f} | "
+              f"{r['ms']:.2f} | {100 * r['share']:.1f}% |" for r in rows]
+    return "\n".join(lines)
 
 
 def _counter_deltas(before: dict[int, dict[str, int]],
@@ -183,6 +234,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="a line written under the table (machine load)")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="LaserConfig fields for every mode, e.g. energy=0.99 oversample=0")
+    p.add_argument("--per-site", action="store_true",
+                   help="also a table per tracker (site, slot and role): time, calls, "
+                        "refinements")
     p.add_argument("--defer-refinements", action="store_true",
                    help="the accelerator's decision path on this device (refinements queued, "
                         "their Ritz steps taken later)")
@@ -249,7 +303,9 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
                     "first_refines": probe.first_refines, "later_refines": probe.later_refines,
                     "at_once": probe.at_once,
                     "all_reads": probe.all_reads,
-                    **_counter_deltas(before, tracker_counters(model))})
+                    "per_tracker": _per_tracker(before, after := tracker_counters(model),
+                                                probe.by_tracker),
+                    **_counter_deltas(before, after)})
             probe.begin()  # drop the step's records
     rows = []
     for mode, steps in per_step.items():
@@ -279,6 +335,8 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
             "shapes": sorted({f"{n}x{wd}x{k}" for st in steps for (n, wd, k) in st["shapes"]}),
             "steps": len(steps),
         })
+        if a.per_site:
+            rows[-1]["sites"] = site_rows(mode, d, steps, tracker_names(models[mode]))
     return w.name, rows
 
 
@@ -302,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                                                  "machine": where, **r},
                         fresh=r is rows[0])
         print(f"\n### {name}\n\n{markdown_table(got)}", flush=True)
+    sites = [s for r in rows for s in r.get("sites", [])]
+    if sites:
+        print(f"\n{site_table(sites)}", flush=True)
     if a.out:
         cmd = "PYTHONPATH=. python benchmarks/tracker_share.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)
@@ -315,12 +376,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             + ("; the accelerator's decision path (--defer-refinements)."
                if a.defer_refinements else "."),
             "Step: forward + backward (optimizer step not timed). Tracker: time inside "
-            "`SubspaceTracker` compress/decompress/settle (outermost calls). Ideal: `X @ Q` + "
+            "`SubspaceTracker` compress/decompress/settle/end_forward (outermost calls). "
+            "Ideal: `X @ Q` + "
             "`C @ Qᵀ` for every compress call's shapes (fp32, dense records 0). Medians over "
             "steps [IQR]; counts are means per step; host reads: `item`/`__float__`/`__int__`/"
             "`__bool__`/`__index__`/`tolist` inside tracker methods (whole step); at once: "
             "refinements, resets and first bases built with values read back at once.",
-            markdown_table(rows), ""])
+            markdown_table(rows),
+            *(["## Per tracker", "Means per measured step; rank at the end of the run; share: "
+               "of the mode's tracker time.", site_table(sites)] if sites else []),
+            ""])
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
         print(f"\nwritten: {a.out}, {jsonl}")

@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     rows = tracker_share.main(["--modes", "region", "--d", "32", "--n", "2", "--T", "2",
                                "--batch", "2", "--steps", "1", "--warmup", "1",
                                "--ideal-reps", "2", "--config", "oversample=2",
-                               "--out", str(out)])
+                               "--per-site", "--out", str(out)])
     return rows, out
 
 
@@ -45,6 +45,20 @@ def test_table_has_the_columns_and_sane_values(run):
     assert table in out.read_text() and "LaserConfig(oversample=2)" in out.read_text()
     (rec,) = [json.loads(ln) for ln in out.with_suffix(".jsonl").read_text().splitlines()]
     assert rec["script"] == "tracker_share" and rec["mode"] == "region"
+
+
+def test_per_site_rows_add_up_to_the_mode(run):
+    rows, out = run
+    (row,) = rows
+    sites = row["sites"]
+    assert sites and all(s["site"].startswith("net:") and "@" in s["site"] for s in sites)
+    # every call and power update of the step belongs to one tracker, and so does its time
+    assert sum(s["calls"] for s in sites) == pytest.approx(row["calls"])
+    assert sum(s["power_updates"] for s in sites) == pytest.approx(row["power_updates"])
+    assert sum(s["share"] for s in sites) == pytest.approx(1.0)
+    assert [s["ms"] for s in sites] == sorted((s["ms"] for s in sites), reverse=True)
+    assert all(0 < s["rank"] <= s["width"] for s in sites if s["calls"] > 0), sites
+    assert tracker_share.site_table(sites) in out.read_text()
 
 
 def test_probe_counts_host_reads_inside_tracker_methods_only(monkeypatch):
@@ -79,10 +93,14 @@ def test_probe_times_nested_calls_once_and_wraps_settle(monkeypatch):
     monkeypatch.setattr(SubspaceTracker, "settle", settle, raising=False)
     monkeypatch.setattr(SubspaceTracker, "decompress", decompress)
     probe = _tracker_probe.TrackerProbe()
+    first, other = SubspaceTracker(4, LaserConfig()), SubspaceTracker(4, LaserConfig())
     with probe:
-        SubspaceTracker(4, LaserConfig()).settle()
+        first.settle()
     assert probe.seconds == 2.0  # 3.0 would count the nested decompress twice
     assert dict(probe.calls) == {"settle": 1}
+    with probe:
+        other.decompress(None)
+    assert probe.by_tracker == {id(first): 2.0, id(other): 1.0}
 
 
 def test_probe_records_compress_shapes():
@@ -190,6 +208,7 @@ def test_probe_times_cuda_calls_with_events_and_no_synchronisation(monkeypatch):
     assert syncs == []  # nothing waited around the calls
     assert probe.seconds == 0.5 and syncs == [10.5]  # read: one wait, then the events
     assert probe.seconds == 0.5 and len(syncs) == 1  # read again: nothing left to wait for
+    assert probe.by_tracker == {id(trk): 0.5}
     probe.begin()
     assert probe.seconds == 0.0
 
