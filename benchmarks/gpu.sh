@@ -2,7 +2,7 @@
 # Issue 15's GPU checks (results/gpu.md), in two phases that each fit one device call:
 #   eager:    the CUDA tests, the eager D=512 TRM frontier (attention and mlp_t) and the
 #             trackers' share of an eager D=512 step (tracker_share.py: CUDA events around
-#             every tracker call, refinements by call);
+#             every tracker call, refinements by call, time per tracker);
 #   compiled: the compiled D=512 TRM (uncompressed, torch checkpoint, laser_fx default,
 #             linear, region).
 # Every timed step counts its host synchronisations (torch.cuda.set_sync_debug_mode "warn").
@@ -24,7 +24,7 @@ if [ "$phase" != compiled ]; then
     timeout 140 "$py" benchmarks/frontier.py --device cuda --models trm-attn trm-mlp_t \
         --d 512 --n 6 --T 3 --batch 256 --reps 10 --out "$out/frontier_d512.jsonl" --plot ''
     timeout 100 "$py" benchmarks/tracker_share.py --device cuda --d 512 --batch 256 \
-        --steps 5 --warmup 3 --ideal-reps 5 --out "$out/tracker_share_d512.md"
+        --steps 5 --warmup 3 --ideal-reps 5 --per-site --out "$out/tracker_share_d512.md"
 fi
 if [ "$phase" != eager ]; then
     timeout 330 "$py" benchmarks/compiled.py --device cuda --d 512 --batch 256 --steps 10 \
