@@ -15,10 +15,10 @@ device and the record is stored in the iterated basis at once; the Ritz step (th
 Gram matrix, copied asynchronously) is taken by the next call, which then rotates and
 truncates that record (`laser_fx._decisions`). So neither a decision nor a refinement
 waits for the device during the forward. At its end the forward's last calls are decided,
-every tracker queues its refinement (`end_forward`), and the host waits once, on the copies
-(an event, not a synchronising read), before their Ritz steps. A reset (rare), a tracker's
-first call, a fixed-rank tracker's refinement and one of a site whose oversampled basis would
-pass half its width read values back at once.
+every tracker queues its refinement (`end_forward`), and only then does the host wait for
+their copies (events, not synchronising reads) to take their Ritz steps. A reset (rare), a
+tracker's first call, a fixed-rank tracker's refinement and one of a site whose oversampled
+basis would pass half its width read values back at once.
 
 Slow paths stay rare by construction: a basis is built to keep half of what the trigger
 allows to be dropped (``energy`` 0.999 builds at 0.9995), so the next, slightly different
@@ -141,7 +141,8 @@ class SubspaceTracker(LateDecisions, BasisUpdates, nn.Module):
         on an accelerator a refinement this decision starts only queues its power iteration
         (and the copy of its small Gram matrix), leaving its Ritz step to `settle`. The end
         of the model's forward runs this on every tracker, then `settle` on every tracker:
-        the host waits once for all of them, not once per refining tracker."""
+        the host waits for the refinements' copies after all of them are queued, not once
+        per refining tracker between them."""
         self._advance(defer=defers(self.basis))
 
     def stats(self) -> dict[str, int | float]:
