@@ -185,3 +185,40 @@ def test_steady_state_and_refinements_never_wait_for_the_device():
     tracker.compress(x(1))
     tracker.compress(x(0))  # decided, and refined, at the next call or at settle
     assert _syncs(tracker.settle) <= 1
+
+
+def test_the_forward_end_waits_on_copies_not_on_reads():
+    # the end of a forward decides each tracker's last call (`end_forward`, on every tracker
+    # first): a refinement queues its power iteration and the copy of its Gram matrix, and
+    # `settle` takes the Ritz steps from the copies (event waits): no synchronising read,
+    # where deciding at once (`settle` alone) reads the Gram matrix of each refining tracker
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bases = [torch.linalg.qr(torch.randn(64, 4, device="cuda", generator=g)).Q
+             for _ in range(2)]
+
+    def x(sub: int) -> torch.Tensor:
+        return torch.randn(2048, 4, device="cuda", generator=g) @ bases[sub].T
+
+    def last_calls_falling_short() -> list[laser_fx.SubspaceTracker]:
+        trackers = [laser_fx.SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0)).cuda()
+                    for _ in range(2)]
+        for t in trackers:
+            t.compress(x(0))
+            t.compress(x(0))
+            t.settle()
+            t.compress(x(1))  # another subspace: the decision about this call refines
+        return trackers
+
+    trackers = last_calls_falling_short()
+
+    def forward_end() -> None:
+        for t in trackers:
+            t.end_forward()
+        for t in trackers:
+            t.settle()
+
+    assert _syncs(forward_end) == 0
+    assert all(t.power_updates == 1 and t.resets == 1 and t._ritz is None
+               and t._pending is None for t in trackers)
+    at_once = last_calls_falling_short()
+    assert _syncs(lambda: [t.settle() for t in at_once]) >= len(at_once)
