@@ -316,7 +316,8 @@ def measure_arms(w: Workload, arms: list[Arm], *, reps: int, device: str,
         reps: timed steps per arm after one warm-up round (0: memory and gradients only).
         device: "cpu" or "cuda" (the clock is read after a synchronize).
         tracker_reps: extra instrumented steps per LASER arm for the tracker share (time
-            inside the trackers' compress, decompress and settle: `TrackerProbe`).
+            inside the trackers' compress, decompress, settle and end_forward:
+            `TrackerProbe`).
 
     Returns:
         One dict per arm; ratios are to the first arm.

@@ -56,7 +56,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -64,6 +63,7 @@ from torch import nn
 import laser_fx
 from laser_fx._linalg import skinny
 from laser_fx.report import compressed_sites
+from laser_fx.testing import deferred_refinements
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -143,6 +143,21 @@ def site_table(rows: list[dict[str, Any]]) -> str:
     lines += [f"| {r['mode']} | {r['D']} | {r['site']} | {r['width']} | {r['rank']} | "
               f"{r['calls']:.1f} | {r['power_updates']:.1f} | {r['resets']:.1f} | "
               f"{r['ms']:.2f} | {100 * r['share']:.1f}% |" for r in rows]
+    return "\n".join(lines)
+
+
+def role_table(rows: list[dict[str, Any]]) -> str:
+    """The per-tracker rows summed by mode, D and role (a call site of the user's code: the
+    ``@`` suffix of the tracker's name)."""
+    roles: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        roles.setdefault((r["mode"], r["D"], r["site"].rpartition("@")[2]), []).append(r)
+    lines = ["| mode | D | role | trackers | calls/step | power updates/step | "
+             "share of the mode's tracker time |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {mode} | {d} | @{role} | {len(rs)} | {sum(r['calls'] for r in rs):.1f} | "
+              f"{sum(r['power_updates'] for r in rs):.1f} | "
+              f"{100 * sum(r['share'] for r in rs):.1f}% |"
+              for (mode, d, role), rs in roles.items()]
     return "\n".join(lines)
 
 
@@ -350,8 +365,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     names = []
     jsonl = str(Path(a.out).with_suffix(".jsonl")) if a.out else None
     for d in a.d:
-        with (mock.patch.object(laser_fx.tracker, "defers", lambda x: True)
-              if a.defer_refinements else contextlib.nullcontext()):
+        with deferred_refinements() if a.defer_refinements else contextlib.nullcontext():
             name, got = _measure_width(a, d)
         names.append(name)
         rows.extend(got)
@@ -362,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f"\n### {name}\n\n{markdown_table(got)}", flush=True)
     sites = [s for r in rows for s in r.get("sites", [])]
     if sites:
-        print(f"\n{site_table(sites)}", flush=True)
+        print(f"\n{site_table(sites)}\n\n{role_table(sites)}", flush=True)
     if a.out:
         cmd = "PYTHONPATH=. python benchmarks/tracker_share.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)
@@ -384,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "refinements, resets and first bases built with values read back at once.",
             markdown_table(rows),
             *(["## Per tracker", "Means per measured step; rank at the end of the run; share: "
-               "of the mode's tracker time.", site_table(sites)] if sites else []),
+               "of the mode's tracker time.", site_table(sites), "By role:",
+               role_table(sites)] if sites else []),
             ""])
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)

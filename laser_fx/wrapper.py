@@ -338,7 +338,7 @@ class _StepHook:
         stores = tracker_stores(model)
         for store in stores:  # decide; on an accelerator refinements only queue their work
             store.end_forward()
-        for store in stores:  # then finish them: the host waits for the device once
+        for store in stores:  # then finish them, all queued before the host waits
             store.settle()
 
 

@@ -37,10 +37,9 @@ def _deferred_refinements(request: pytest.FixtureRequest):
     if not request.config.getoption("--defer-refinements"):
         yield
         return
-    import laser_fx.tracker
+    from laser_fx.testing import deferred_refinements
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(laser_fx.tracker, "defers", lambda x: True)
+    with deferred_refinements():
         yield
 
 

@@ -1,6 +1,6 @@
-"""The accelerator's refinement path, on a CPU (`deferring`): a refinement's power iteration
-runs when the decision is taken, its Ritz step at the next call; at the end of a forward every
-tracker queues its refinement before the host waits for any."""
+"""The accelerator's refinement path, on a CPU (`laser_fx.testing.deferred_refinements`): a
+refinement's power iteration runs when the decision is taken, its Ritz step at the next call;
+at the end of a forward every tracker queues its refinement before the host waits for any."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tracker_helpers import captured, deferring, low_rank
+from tracker_helpers import captured, low_rank
 
 import laser_fx
 from laser_fx.config import LaserConfig
+from laser_fx.testing import deferred_refinements
 from laser_fx.tracker import SubspaceTracker
 
 
 def test_a_deferred_refinement_stores_in_the_iterated_basis_then_rotates():
-    with deferring():
+    with deferred_refinements():
         tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
         tracker.compress(low_rank(256, 64, 6, 0, 0))
         x = low_rank(256, 64, 6, 1, 1)  # another subspace: refined when the next call decides
@@ -37,7 +38,7 @@ def test_a_deferred_refinement_stores_in_the_iterated_basis_then_rotates():
 
 
 def test_a_deferred_refinement_that_keeps_too_little_resets():
-    with deferring():
+    with deferred_refinements():
         # without oversampling a rank-4 basis cannot grow into a rank-8 subspace: the Ritz step
         # finds too little and resets from the activation it held
         tracker = SubspaceTracker(32, LaserConfig(energy=0.999, min_numel=0, oversample=0))
@@ -56,13 +57,13 @@ def test_few_column_sites_and_fixed_ranks_refine_at_once():
     # that basis has at most half the width's columns; a fixed rank is kept by every record
     for width, cfg in ((8, LaserConfig(energy=0.99, min_numel=0)),
                        (64, LaserConfig(rank=6, min_numel=0))):
-        with deferring():
+        with deferred_refinements():
             tracker = SubspaceTracker(width, cfg)
             tracker.compress(low_rank(256, width, 2, 0, 0))
             tracker.compress(low_rank(256, width, 2, 1, 1))
             tracker.compress(low_rank(256, width, 2, 1, 2))
         assert tracker._ritz is None and tracker.revisions == 1, (width, tracker.stats())
-    with deferring():  # a wide site defers
+    with deferred_refinements():  # a wide site defers
         tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
         tracker.compress(low_rank(256, 64, 2, 0, 0))
         tracker.compress(low_rank(256, 64, 2, 1, 1))
@@ -96,7 +97,7 @@ def test_models_train_the_same_with_refinements_deferred(mode):
             x = torch.randint(0, model.vocab, tokens.shape,
                               generator=torch.Generator().manual_seed(step))
             exact, g_now = grads(model, x), grads(now, x)
-            with deferring(), mock.patch.object(LateDecisions, "_finish", autospec=True,
+            with deferred_refinements(), mock.patch.object(LateDecisions, "_finish", autospec=True,
                                                 side_effect=LateDecisions._finish) as fin:
                 g_late = grads(late, x)
             finished += fin.call_count
@@ -153,7 +154,7 @@ def test_the_forward_end_queues_every_refinement_before_it_waits(monkeypatch, mo
         expected = now(*inputs)
         expected.square().mean().backward()
         events.clear()
-        with deferring():
+        with deferred_refinements():
             out = late(*inputs)
             end = [e for e in events[events.index("end"):] if e != "end"]  # the forward's end
             trackers = list(late.net.trackers.values())

@@ -11,11 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from tracker_helpers import READS, captured, count_reads, deferring, low_rank
+from tracker_helpers import READS, captured, count_reads, low_rank
 
 import laser_fx
 from laser_fx.config import LaserConfig
 from laser_fx.packed import StorageStats
+from laser_fx.testing import deferred_refinements
 from laser_fx.tracker import SubspaceTracker
 
 
@@ -287,7 +288,7 @@ def test_property_every_decided_record_keeps_the_trigger_share(calls, energy, wi
     tracker = SubspaceTracker(width, cfg)
     stats = StorageStats()
     records = []
-    with deferring() if deferred else contextlib.nullcontext():
+    with deferred_refinements() if deferred else contextlib.nullcontext():
         for i, (sub, r) in enumerate(calls):
             x = low_rank(96, width, min(r, width), sub, seed + i)
             p = tracker.compress(x)

@@ -1,14 +1,11 @@
 """What the tracker tests share: synthetic low-rank activations, the share of energy a record
-keeps, a counter of host reads, and the accelerator's refinement path on a CPU."""
+keeps, and a counter of host reads."""
 
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
 
 import torch
-
-import laser_fx.tracker as tracker_module
 
 READS = ("item", "__float__", "__int__", "__bool__", "__index__")
 
@@ -52,9 +49,3 @@ def captured(x: torch.Tensor, packed) -> float:
     xc = xc - xc.mean(0)
     return float(packed.coeffs.float().square().sum() / xc.square().sum())
 
-
-@contextlib.contextmanager
-def deferring():
-    """Refinements leave their Ritz step to the next call, as on an accelerator."""
-    with mock.patch.object(tracker_module, "defers", lambda x: True):
-        yield

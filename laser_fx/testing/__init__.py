@@ -1,8 +1,10 @@
-"""Test helpers shipped with laser_fx: a zoo of small looped (and negative-case) models, and
-`own_code` / `entry` for comparing compiled variants of one model in one process."""
+"""Test helpers shipped with laser_fx: a zoo of small looped (and negative-case) models,
+`own_code` / `entry` for comparing compiled variants of one model in one process, and
+`deferred_refinements` (the trackers' accelerator path on any device)."""
 
 from __future__ import annotations
 
+from .deferral import deferred_refinements
 from .isolation import entry, own_code
 from .zoo import (
     NEGATIVE,
@@ -32,6 +34,7 @@ __all__ = [
     "RecursiveConvRefiner",
     "TRMLike",
     "UnrolledRNN",
+    "deferred_refinements",
     "entry",
     "make_inputs",
     "own_code",

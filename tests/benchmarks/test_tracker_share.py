@@ -5,6 +5,7 @@ Step times on a shared box are not checked, only their relations."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -14,6 +15,7 @@ import torch
 from benchmarks import _tracker_probe, tracker_share
 from laser_fx import LaserConfig
 from laser_fx._decisions import LateDecisions
+from laser_fx.testing import deferred_refinements
 from laser_fx.tracker import SubspaceTracker
 
 
@@ -59,6 +61,11 @@ def test_per_site_rows_add_up_to_the_mode(run):
     assert [s["ms"] for s in sites] == sorted((s["ms"] for s in sites), reverse=True)
     assert all(0 < s["rank"] <= s["width"] for s in sites if s["calls"] > 0), sites
     assert tracker_share.site_table(sites) in out.read_text()
+    roles = tracker_share.role_table(sites).splitlines()[2:]
+    assert roles and tracker_share.role_table(sites) in out.read_text()
+    # the roles partition the trackers: their shares add up to the whole
+    assert sum(float(line.split("|")[-2].strip().rstrip("%")) for line in roles) == (
+        pytest.approx(100.0, abs=0.1 * len(roles)))
 
 
 def test_probe_counts_host_reads_inside_tracker_methods_only(monkeypatch):
@@ -222,17 +229,14 @@ def _turning_subspace():
 
 
 @pytest.mark.parametrize("defer", [False, True])
-def test_probe_counts_bases_built_at_once_not_queued_refinements(monkeypatch, defer):
+def test_probe_counts_bases_built_at_once_not_queued_refinements(defer):
     # at once: the first basis and every refinement read values back; on the accelerator's
     # path (forced) the refinements queue their power iteration and take their Ritz step
     # later, the forward's last one included (`end_forward`, then `settle`): only the first
     # basis is built at once
-    import laser_fx.tracker
-
-    monkeypatch.setattr(laser_fx.tracker, "defers", lambda x: defer)
     tracker = SubspaceTracker(64, LaserConfig(energy=0.99, min_numel=0))
     probe = _tracker_probe.TrackerProbe()
-    with probe:
+    with probe, deferred_refinements() if defer else contextlib.nullcontext():
         for x in _turning_subspace():
             tracker.compress(x)
         tracker.end_forward()
