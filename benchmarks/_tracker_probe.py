@@ -22,7 +22,7 @@ from laser_fx._basis import BasisUpdates
 from laser_fx._decisions import LateDecisions
 from laser_fx.tracker import SubspaceTracker
 
-__all__ = ["AT_ONCE", "HOST_READS", "TIMED", "TrackerProbe", "is_dense"]
+__all__ = ["AT_ONCE", "HOST_READS", "PHASES", "TIMED", "TrackerProbe", "is_dense"]
 
 #: tracker methods timed (those the class has)
 TIMED = ("compress", "decompress", "settle", "end_forward")
@@ -31,6 +31,15 @@ TIMED = ("compress", "decompress", "settle", "end_forward")
 AT_ONCE = ("_refine", "_reset", "_first")
 #: tensor methods that copy a value back to the host
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist")
+#: what a tracker spends its time on (``phases=True``): the steady state's projection (centering,
+#: ``X Q``, captured energies), the reconstruction for backward (``C Qᵀ``, plus a decision
+#: still open), and building or refining bases (first bases, power updates, resets, either
+#: half of a split refinement). A phase called inside another one is counted in the inner
+#: one only; the rest of a tracker call (decisions, storing records, centering again for a
+#: refinement) is ``"other"``.
+PHASES = {"projection": ("_project",), "reconstruction": ("decompress",),
+          "refinement": ("_first", "_refine", "_reset", "_power_start", "_power_finish")}
+_OTHER = "other"
 _MISSING = object()
 
 
@@ -62,6 +71,9 @@ class TrackerProbe:
         at_once: refinements, resets and first bases built with values read back at once
             (`AT_ONCE`; on an accelerator each waits for the device: a refinement split
             into a queued power iteration and a later Ritz step is not one).
+        phases: with ``phases=True``, `seconds` split by `PHASES` (plus ``"other"``), each
+            moment of a tracker call counted in the innermost phase running then; on CUDA
+            from events recorded at every phase change.
 
     Example::
 
@@ -71,9 +83,11 @@ class TrackerProbe:
         print(probe.seconds, probe.host_reads, probe.shapes)
     """
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", *, phases: bool = False) -> None:
         self.device = device
         self._cuda = torch.device(device).type == "cuda"
+        self._phased = phases
+        self._stack: list[str] = []  # phases running, innermost last
         self._depth = 0
         self._reading = False
         self._saved: list[tuple[type, str, Any]] = []
@@ -94,6 +108,9 @@ class TrackerProbe:
         self.at_once = 0
         self._decided: set[int] = set()
         self._building = 0
+        self._phase_seconds: Counter[str] = Counter()
+        # (clock or CUDA event, innermost phase from then on; None: outside the trackers)
+        self._changes: list[tuple[Any, str | None]] = []
 
     @property
     def seconds(self) -> float:
@@ -106,6 +123,29 @@ class TrackerProbe:
         """`seconds` per tracker: ``id(tracker) -> seconds`` (on CUDA: waits for the device)."""
         self._read_events()
         return dict(self._by_tracker)
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """`seconds` by phase (`PHASES` and ``"other"``; on CUDA: waits for the device)."""
+        if self._changes and self._cuda:
+            torch.cuda.synchronize()
+        for (at, phase), (until, _) in zip(self._changes, self._changes[1:], strict=False):
+            if phase is not None:
+                self._phase_seconds[phase] += (at.elapsed_time(until) / 1e3 if self._cuda
+                                               else until - at)
+        del self._changes[:-1]  # the last change starts the interval still open
+        return {p: self._phase_seconds[p] for p in (*PHASES, _OTHER)}
+
+    def _enter(self, phase: str) -> None:
+        self._stack.append(phase)
+        self._changes.append((self._clock(), phase))
+
+    def _leave(self) -> None:
+        self._stack.pop()
+        self._changes.append((self._clock(), self._stack[-1] if self._stack else None))
+
+    def _clock(self) -> Any:
+        return self._mark() if self._cuda else time.perf_counter()
 
     def _read_events(self) -> None:
         if self._events:
@@ -140,6 +180,12 @@ class TrackerProbe:
     def __enter__(self) -> TrackerProbe:
         if self._saved:
             raise RuntimeError("TrackerProbe is already entered; it does not nest.")
+        if self._phased:  # first: a timed public method runs its phase inside its call
+            for phase, names in PHASES.items():
+                for name in names:
+                    owner = next(c for c in (SubspaceTracker, BasisUpdates, LateDecisions)
+                                 if name in c.__dict__)
+                    self._patch(owner, name, lambda fn, phase=phase: self._in_phase(phase, fn))
         classes = [SubspaceTracker]
         for cls in classes:  # subclasses overriding a method get theirs wrapped too
             classes.extend(c for c in cls.__subclasses__() if c not in classes)
@@ -177,10 +223,14 @@ class TrackerProbe:
                 start = self._mark()
                 t0 = time.perf_counter()
                 self._depth = 1
+                if self._phased:
+                    self._enter(_OTHER)
                 try:
                     out = fn(tracker, *args, **kwargs)
                 finally:
                     self._depth = 0
+                    if self._phased:
+                        self._leave()
                     if start is None:
                         dt = time.perf_counter() - t0
                         self._seconds += dt
@@ -194,6 +244,17 @@ class TrackerProbe:
 
         timed.__wrapped__ = fn  # type: ignore[attr-defined]
         return timed
+
+    def _in_phase(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self._enter(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._leave()
+
+        run.__wrapped__ = fn  # type: ignore[attr-defined]
+        return run
 
     def _mark(self) -> Any:
         """A recorded CUDA event on a CUDA device, else None (the wall clock is read)."""

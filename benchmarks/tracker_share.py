@@ -13,7 +13,10 @@ the first ``--warmup`` steps of each are skipped, the next ``--steps`` are measu
   ``end_forward``, outermost calls only (a tracker method calling another counts once): wall
   time on a CPU, the device time between CUDA events around each call on a GPU
   (`benchmarks._tracker_probe`); with ``--per-site`` also per tracker (site, slot and role:
-  the call site's role, ``@0``, ``@1``...), with its calls, power updates and resets;
+  the call site's role, ``@0``, ``@1``...), with its calls, power updates and resets; with
+  ``--phases`` split into the steady state's projection, the reconstruction for backward, the
+  refinements and the rest (`benchmarks._tracker_probe.PHASES`, means per step), next to the
+  ideal: how far the two products the ideal times are from it inside a real step;
 - ideal: for every compress call of the step that stored coefficients, the time of just
   ``C = X @ Q`` (X: ``(N, width)`` fp32, Q: ``(width, k)``) and ``C @ Qᵀ`` for its shapes
   (random tensors, median of ``--ideal-reps``, timed after the steps; the faster of C's two
@@ -38,7 +41,7 @@ minutes on 1 thread of a loaded 2-core CPU with the defaults (191 s measured):
 
     PYTHONPATH=. python benchmarks/tracker_share.py [--modes auto region linear] [--d 128 256]
         [--steps 10] [--warmup 5] [--threads 1] [--config FIELD=VALUE ...]
-        [--defer-refinements] [--out results/tracker_share.md]
+        [--defer-refinements] [--per-site] [--phases] [--out results/tracker_share.md]
 """
 
 from __future__ import annotations
@@ -68,11 +71,11 @@ from laser_fx.testing import deferred_refinements
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import _quantiles, machine, sync, trm_workload  # noqa: E402
-from benchmarks._tracker_probe import TrackerProbe  # noqa: E402
+from benchmarks._tracker_probe import PHASES, TrackerProbe  # noqa: E402
 from benchmarks.frontier import write_jsonl  # noqa: E402
 
 __all__ = ["COLUMNS", "GOALS", "MODES", "config_fields", "ideal_seconds", "main",
-           "markdown_table", "tracker_counters"]
+           "markdown_table", "phase_table", "tracker_counters"]
 
 MODES = ("auto", "region", "linear")
 #: issue 15's eager goals: largest tracker share of the step per mode (at D >= 128), and the
@@ -158,6 +161,23 @@ def role_table(rows: list[dict[str, Any]]) -> str:
               f"{sum(r['power_updates'] for r in rs):.1f} | "
               f"{100 * sum(r['share'] for r in rs):.1f}% |"
               for (mode, d, role), rs in roles.items()]
+    return "\n".join(lines)
+
+
+def phase_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (mode, D) with its tracker time by phase (means per step) and the
+    steady state's two products (projection and reconstruction) against the ideal."""
+    names = (*PHASES, "other")
+    lines = ["| mode | D | " + " | ".join(f"{p} ms/step" for p in names)
+             + " | tracker ms/step (mean) | (projection + reconstruction) / ideal |",
+             "|" + "---|" * (len(names) + 4)]
+    for r in rows:
+        ph = r["phases_ms"]
+        steady = ph["projection"] + ph["reconstruction"]
+        ratio = f"{steady / r['ideal_mean_ms']:.1f}x" if r["ideal_mean_ms"] > 0 else "-"
+        lines.append(f"| {r['mode']} | {r['D']} | "
+                     + " | ".join(f"{ph[p]:.2f}" for p in names)
+                     + f" | {sum(ph.values()):.2f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -252,6 +272,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--per-site", action="store_true",
                    help="also a table per tracker (site, slot and role): time, calls, "
                         "refinements")
+    p.add_argument("--phases", action="store_true",
+                   help="also the tracker time by phase: projection, reconstruction, "
+                        "refinement, other")
     p.add_argument("--defer-refinements", action="store_true",
                    help="the accelerator's decision path on this device (refinements queued, "
                         "their Ritz steps taken later)")
@@ -294,7 +317,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
               for m in a.modes}
     opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=a.lr)
             for m, mod in models.items()}
-    probe = TrackerProbe(a.device)
+    probe = TrackerProbe(a.device, phases=a.phases)
     per_step: dict[str, list[dict[str, Any]]] = {m: [] for m in a.modes}
     for r in range(a.warmup + a.steps):
         for mode in a.modes if r % 2 == 0 else a.modes[::-1]:
@@ -317,7 +340,7 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
                     "calls": probe.calls["compress"], "host_reads": probe.host_reads,
                     "first_refines": probe.first_refines, "later_refines": probe.later_refines,
                     "at_once": probe.at_once,
-                    "all_reads": probe.all_reads,
+                    "all_reads": probe.all_reads, "phases": probe.phases,
                     "per_tracker": _per_tracker(before, after := tracker_counters(model),
                                                 probe.by_tracker),
                     **_counter_deltas(before, after)})
@@ -350,6 +373,10 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
             "shapes": sorted({f"{n}x{wd}x{k}" for st in steps for (n, wd, k) in st["shapes"]}),
             "steps": len(steps),
         })
+        if a.phases:
+            rows[-1]["phases_ms"] = {p: 1e3 * statistics.fmean(st["phases"][p] for st in steps)
+                                     for p in steps[0]["phases"]}
+            rows[-1]["ideal_mean_ms"] = 1e3 * statistics.fmean(ideals)
         if a.per_site:
             rows[-1]["sites"] = site_rows(mode, d, steps, tracker_names(models[mode]))
     return w.name, rows
@@ -374,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                                                  "machine": where, **r},
                         fresh=r is rows[0])
         print(f"\n### {name}\n\n{markdown_table(got)}", flush=True)
+    if a.phases:
+        print(f"\n{phase_table(rows)}", flush=True)
     sites = [s for r in rows for s in r.get("sites", [])]
     if sites:
         print(f"\n{site_table(sites)}\n\n{role_table(sites)}", flush=True)
@@ -397,6 +426,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "`__bool__`/`__index__`/`tolist` inside tracker methods (whole step); at once: "
             "refinements, resets and first bases built with values read back at once.",
             markdown_table(rows),
+            *(["## By phase", "Means per measured step (`benchmarks._tracker_probe.PHASES`): "
+               "the steady state's projection (centering, `X Q`, energies), the "
+               "reconstruction for backward (`C Qᵀ`), bases built or refined, and the rest of "
+               "the tracker calls (decisions, records, centering again for a refinement); the "
+               "last column sets the two products the ideal times, as a step runs them, "
+               "against it.", phase_table(rows)] if a.phases else []),
             *(["## Per tracker", "Means per measured step; rank at the end of the run; share: "
                "of the mode's tracker time.", site_table(sites), "By role:",
                role_table(sites)] if sites else []),

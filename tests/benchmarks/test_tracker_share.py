@@ -14,6 +14,7 @@ import torch
 
 from benchmarks import _tracker_probe, tracker_share
 from laser_fx import LaserConfig
+from laser_fx._basis import BasisUpdates
 from laser_fx._decisions import LateDecisions
 from laser_fx.testing import deferred_refinements
 from laser_fx.tracker import SubspaceTracker
@@ -25,7 +26,7 @@ def run(tmp_path_factory):
     rows = tracker_share.main(["--modes", "region", "--d", "32", "--n", "2", "--T", "2",
                                "--batch", "2", "--steps", "1", "--warmup", "1",
                                "--ideal-reps", "2", "--config", "oversample=2",
-                               "--per-site", "--out", str(out)])
+                               "--per-site", "--phases", "--out", str(out)])
     return rows, out
 
 
@@ -66,6 +67,74 @@ def test_per_site_rows_add_up_to_the_mode(run):
     # the roles partition the trackers: their shares add up to the whole
     assert sum(float(line.split("|")[-2].strip().rstrip("%")) for line in roles) == (
         pytest.approx(100.0, abs=0.1 * len(roles)))
+
+
+def test_phases_add_up_to_the_tracker_time(run):
+    rows, out = run
+    (row,) = rows
+    phases = row["phases_ms"]
+    assert set(phases) == {*_tracker_probe.PHASES, "other"}
+    # region mode projects, reconstructs for backward and refines (random init: every call)
+    assert all(phases[p] > 0 for p in ("projection", "reconstruction", "refinement")), phases
+    # one measured step: the mean is that step's tracker time, which the phases partition
+    assert sum(phases.values()) == pytest.approx(row["tracker_ms"], rel=0.02)
+    assert tracker_share.phase_table(rows) in out.read_text()
+
+
+def _fake_clock(monkeypatch):
+    """A clock that moves only when told (``now[0] += s``), for the wall clock and for
+    CUDA events alike; returns ``now`` and the list of synchronisations."""
+    now, syncs = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = now[0]
+
+        def elapsed_time(self, end: Event) -> float:  # milliseconds, as torch's
+            return 1e3 * (end.at - self.at)
+
+    monkeypatch.setattr(_tracker_probe.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(_tracker_probe.torch.cuda, "Event", Event)
+    monkeypatch.setattr(_tracker_probe.torch.cuda, "synchronize", lambda: syncs.append(now[0]))
+    return now, syncs
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_probe_counts_each_moment_in_the_innermost_phase(monkeypatch, device):
+    now, _ = _fake_clock(monkeypatch)
+
+    def refine(self, xc, total):
+        now[0] += 2.0
+
+    def decompress(self, p):  # a reconstruction that takes an open decision first
+        now[0] += 1.0
+        self._refine(None, 0.0)
+        now[0] += 0.5
+
+    def settle(self):
+        now[0] += 0.25
+        self.decompress(None)
+
+    monkeypatch.setattr(BasisUpdates, "_refine", refine)
+    monkeypatch.setattr(SubspaceTracker, "decompress", decompress)
+    monkeypatch.setattr(SubspaceTracker, "settle", settle)
+    trk = SubspaceTracker(4, LaserConfig())
+    probe = _tracker_probe.TrackerProbe(device, phases=True)
+    with probe:
+        trk.settle()
+        now[0] += 10.0  # outside the trackers: in no phase
+        trk.decompress(None)
+    assert probe.phases == {"projection": 0.0, "reconstruction": 3.0, "refinement": 4.0,
+                            "other": 0.25}
+    assert probe.seconds == 7.25  # the phases partition the tracker time
+    assert probe.phases["refinement"] == 4.0  # read again: nothing counted twice
+    probe.begin()
+    assert sum(probe.phases.values()) == 0.0
+    assert "_refine" in BasisUpdates.__dict__ and BasisUpdates._refine is refine  # restored
 
 
 def test_probe_counts_host_reads_inside_tracker_methods_only(monkeypatch):
