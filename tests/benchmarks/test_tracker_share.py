@@ -255,21 +255,7 @@ def test_config_fields_parse_and_bad_ones_are_refused():
 def test_probe_times_cuda_calls_with_events_and_no_synchronisation(monkeypatch):
     # a fake CUDA: each event is stamped by a clock that the tracker methods move, and any
     # synchronisation inside a timed call would be seen
-    now, syncs = [0.0], []
-
-    class Event:
-        def __init__(self, enable_timing: bool = False) -> None:
-            assert enable_timing
-            self.at = None
-
-        def record(self) -> None:
-            self.at = now[0]
-
-        def elapsed_time(self, end: Event) -> float:  # milliseconds, as torch's
-            return 1e3 * (end.at - self.at)
-
-    monkeypatch.setattr(_tracker_probe.torch.cuda, "Event", Event)
-    monkeypatch.setattr(_tracker_probe.torch.cuda, "synchronize", lambda: syncs.append(now[0]))
+    now, syncs = _fake_clock(monkeypatch)
 
     def decompress(self, p):
         now[0] += 0.25
