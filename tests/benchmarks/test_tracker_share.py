@@ -1,4 +1,5 @@
-"""benchmarks/tracker_share.py and its probe (benchmarks/_tracker_probe.py: tracker time
+"""benchmarks/tracker_share.py, its tables (benchmarks/_share_report.py) and its probe
+(benchmarks/_tracker_probe.py: tracker time
 counted once, host reads inside tracker methods only, compress shapes recorded, refinements
 sorted by call) and the script end to end on a tiny TRM (D=32, one mode, one measured step).
 Step times on a shared box are not checked, only their relations."""
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import _tracker_probe, tracker_share
+from benchmarks import _share_report, _tracker_probe, tracker_share
 from laser_fx import LaserConfig
 from laser_fx._basis import BasisUpdates
 from laser_fx._decisions import LateDecisions
@@ -34,9 +35,9 @@ def test_table_has_the_columns_and_sane_values(run):
     rows, out = run
     (row,) = rows
     assert (row["mode"], row["D"], row["steps"]) == ("region", 32, 1)
-    table = tracker_share.markdown_table(rows)
+    table = _share_report.markdown_table(rows)
     header = table.splitlines()[0]
-    assert all(col in header for col in tracker_share.COLUMNS), header
+    assert all(col in header for col in _share_report.COLUMNS), header
     assert 0.0 < row["tracker_share"] < 1.0, row
     assert 0.0 < row["tracker_ms"] <= row["step_ms"], row
     assert row["ideal_ms"] >= 0.0 and row["calls"] > 0, row
@@ -61,9 +62,9 @@ def test_per_site_rows_add_up_to_the_mode(run):
     assert sum(s["share"] for s in sites) == pytest.approx(1.0)
     assert [s["ms"] for s in sites] == sorted((s["ms"] for s in sites), reverse=True)
     assert all(0 < s["rank"] <= s["width"] for s in sites if s["calls"] > 0), sites
-    assert tracker_share.site_table(sites) in out.read_text()
-    roles = tracker_share.role_table(sites).splitlines()[2:]
-    assert roles and tracker_share.role_table(sites) in out.read_text()
+    assert _share_report.site_table(sites) in out.read_text()
+    roles = _share_report.role_table(sites).splitlines()[2:]
+    assert roles and _share_report.role_table(sites) in out.read_text()
     # the roles partition the trackers: their shares add up to the whole
     assert sum(float(line.split("|")[-2].strip().rstrip("%")) for line in roles) == (
         pytest.approx(100.0, abs=0.1 * len(roles)))
@@ -78,7 +79,7 @@ def test_phases_add_up_to_the_tracker_time(run):
     assert all(phases[p] > 0 for p in ("projection", "reconstruction", "refinement")), phases
     # one measured step: the mean is that step's tracker time, which the phases partition
     assert sum(phases.values()) == pytest.approx(row["tracker_ms"], rel=0.02)
-    assert tracker_share.phase_table(rows) in out.read_text()
+    assert _share_report.phase_table(rows) in out.read_text()
 
 
 def _fake_clock(monkeypatch):
