@@ -1,8 +1,8 @@
 """benchmarks/tracker_share.py, its tables (benchmarks/_share_report.py) and its probe
-(benchmarks/_tracker_probe.py: tracker time
-counted once, host reads inside tracker methods only, compress shapes recorded, refinements
-sorted by call) and the script end to end on a tiny TRM (D=32, one mode, one measured step).
-Step times on a shared box are not checked, only their relations."""
+(benchmarks/_tracker_probe.py: tracker time counted once and split by phase, host reads
+inside tracker methods only, compress shapes recorded, refinements sorted by call), and the
+script end to end on a tiny TRM (D=32, one mode, one measured step). Step times on a shared
+box are not checked, only their relations."""
 
 from __future__ import annotations
 
