@@ -135,11 +135,9 @@ def site_rows(mode: str, d: int, steps: list[dict[str, Any]],
     return sorted(rows, key=lambda r: -r["ms"])
 
 
-def _counter_deltas(before: dict[int, dict[str, int]],
-                    after: dict[int, dict[str, int]]) -> dict[str, int]:
-    # a tracker created during the step counts from 0
-    return {c: sum(v[c] - before.get(i, {}).get(c, 0) for i, v in after.items())
-            for c in COUNTERS}
+def _summed(per_tracker: dict[int, dict[str, float]]) -> dict[str, float]:
+    """The step's `COUNTERS`: the per-tracker deltas summed over the model's trackers."""
+    return {c: sum(v[c] for v in per_tracker.values()) for c in COUNTERS}
 
 
 def ideal_seconds(shapes: Iterable[tuple[int, int, int]], *, reps: int = 9,
@@ -261,16 +259,16 @@ def _measure_width(a: argparse.Namespace, d: int) -> tuple[str, list[dict[str, A
                 seconds = time.perf_counter() - t0
             opt.step()
             if measured:
+                per_tracker = _per_tracker(before, tracker_counters(model), probe.by_tracker)
                 per_step[mode].append({
                     "step_s": seconds, "tracker_s": probe.seconds,
                     "shapes": Counter(probe.shapes), "dense": probe.dense,
                     "calls": probe.calls["compress"], "host_reads": probe.host_reads,
                     "first_refines": probe.first_refines, "later_refines": probe.later_refines,
                     "at_once": probe.at_once,
-                    "all_reads": probe.all_reads, "phases": probe.phases,
-                    "per_tracker": _per_tracker(before, after := tracker_counters(model),
-                                                probe.by_tracker),
-                    **_counter_deltas(before, after)})
+                    "all_reads": probe.all_reads,
+                    "phases": probe.phases if a.phases else None,
+                    "per_tracker": per_tracker, **_summed(per_tracker)})
             probe.begin()  # drop the step's records
     rows = []
     for mode, steps in per_step.items():

@@ -70,6 +70,18 @@ def test_per_site_rows_add_up_to_the_mode(run):
         pytest.approx(100.0, abs=0.1 * len(roles)))
 
 
+def test_a_steps_counters_are_the_per_tracker_deltas_summed():
+    # a tracker made during the step counts from 0; one gone since is not counted
+    before = {1: {"calls": 5, "resets": 1, "power_updates": 2},
+              2: {"calls": 9, "resets": 0, "power_updates": 4}}
+    after = {1: {"calls": 8, "resets": 1, "power_updates": 3},
+             3: {"calls": 2, "resets": 1, "power_updates": 0}}
+    per = tracker_share._per_tracker(before, after, {1: 0.5})
+    assert per == {1: {"s": 0.5, "calls": 3, "resets": 0, "power_updates": 1},
+                   3: {"s": 0.0, "calls": 2, "resets": 1, "power_updates": 0}}
+    assert tracker_share._summed(per) == {"resets": 1, "power_updates": 1}
+
+
 def test_phases_add_up_to_the_tracker_time(run):
     rows, out = run
     (row,) = rows
